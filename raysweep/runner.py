@@ -1,0 +1,214 @@
+"""Run a job's cells as Ray tasks and store each result as it arrives.
+
+Each cell is one Ray task. The driver asks for one GPU per task only when the
+cluster reports GPUs, so a CPU-only cluster never waits for a GPU that does
+not exist. Finished cells are skipped, so running a job again resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raysweep import store
+from raysweep.jobs import Cell, Job
+
+logger = logging.getLogger(__name__)
+
+# Worker crashes (killed process, lost node) are retried this many times;
+# exceptions inside a cell are recorded in its row instead.
+TASK_MAX_RETRIES = 3
+
+# Hub client settings passed from the driver to the tasks, so that workers
+# read from the same endpoint with the same token and offline mode. The cache
+# location is passed only to a Ray instance started here, whose workers share
+# this machine's disk. NOTE: variables in a runtime environment are visible
+# to anyone who can read the Ray dashboard or GCS, HF_TOKEN included.
+FORWARDED_VARIABLES = ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET",
+                       "HF_HUB_DISABLE_TELEMETRY", "NO_PROXY", "no_proxy")
+LOCAL_ONLY_VARIABLES = ("HF_HOME", "HF_HUB_CACHE")
+
+
+@dataclass
+class RunSummary:
+    """What a run did: cells skipped as finished, computed, and their rows."""
+
+    skipped: int = 0
+    computed: int = 0
+    rows: list[dict] = field(default_factory=list)
+    resources: dict = field(default_factory=dict)
+
+    def count(self, status: str) -> int:
+        return sum(1 for row in self.rows if row["status"] == status)
+
+
+@dataclass(frozen=True)
+class TaskResources:
+    """What each cell task asks Ray for, and the device it computes on."""
+
+    num_cpus: float
+    num_gpus: float
+    device: str
+
+
+def pending_cells(job: Job, out: Path) -> list[Cell]:
+    """Return the cells of a job that have no finished result under `out`."""
+    return [cell for cell in job.cells if not store.is_finished(out, cell.cell_key)]
+
+
+def run_job(
+    job: Job,
+    out: Path,
+    *,
+    address: str | None = None,
+    device: str = "auto",
+    cpus_per_task: float | None = None,
+    on_start: Callable[[int, TaskResources], None] | None = None,
+    on_result: Callable[[dict], None] | None = None,
+) -> RunSummary:
+    """Compute every unfinished cell of a job on Ray and write its files.
+
+    Args:
+        out: results folder; see `raysweep.store` for its layout.
+        address: Ray cluster to connect to ("auto", "ray://host:10001", ...);
+            None starts a local Ray instance unless RAY_ADDRESS is set.
+        device: "auto" (a GPU per task when the cluster has GPUs, else CPU),
+            "cpu", or "cuda" (fails fast when the cluster has no GPU).
+        cpus_per_task: CPUs per CPU task; defaults to the CPUs of the largest
+            node, so that one cell uses a whole machine's cores.
+        on_start: called with the number of pending cells and the resources.
+        on_result: called with each cell's row as it is stored.
+    """
+    out = Path(out)
+    summary = RunSummary()
+    pending = pending_cells(job, out)
+    summary.skipped = len(job.cells) - len(pending)
+    if summary.skipped:
+        logger.info("%d of %d cells are already finished in %s", summary.skipped, len(job.cells), out)
+
+    if pending:
+        summary.rows.extend(_run_on_ray(pending, out, address, device, cpus_per_task, on_start, on_result, summary))
+    elif on_start is not None:
+        on_start(0, TaskResources(0, 0, "none"))
+
+    store.write_union(out)
+    finished = {row["cell_key"]: row for row in summary.rows}
+    for cell in job.cells:
+        if cell.cell_key not in finished:
+            row = store.read_cell(out, cell.cell_key)
+            if row is not None:
+                finished[cell.cell_key] = row
+    summary.rows = [finished[cell.cell_key] for cell in job.cells if cell.cell_key in finished]
+    return summary
+
+
+def _run_on_ray(pending, out, address, device, cpus_per_task, on_start, on_result, summary) -> list[dict]:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        _init_ray(address)
+    try:
+        resources = task_resources(ray.cluster_resources(), ray.nodes(), device, cpus_per_task)
+        summary.resources = resources.__dict__
+        if on_start is not None:
+            on_start(len(pending), resources)
+        logger.info("running %d cells, each with %s", len(pending), resources)
+
+        remote = ray.remote(_compute_remote).options(
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+            max_retries=TASK_MAX_RETRIES,
+            runtime_env={"env_vars": forwarded_environment(local=_is_local(address))},
+        )
+        waiting = {remote.remote(cell.to_dict(), resources.device): cell for cell in pending}
+        rows = []
+        while waiting:
+            done, _ = ray.wait(list(waiting), num_returns=1)
+            cell = waiting.pop(done[0])
+            row, tokens = _collect(ray, done[0], cell)
+            store.write_cell(out, row, tokens)
+            summary.computed += 1
+            rows.append(row)
+            if on_result is not None:
+                on_result(row)
+        return rows
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _collect(ray, reference, cell: Cell):
+    """Return a task's row and tokens; a task lost after its retries becomes a failed row."""
+    from raysweep.cell import CellResult, _finish, base_row
+
+    try:
+        result: CellResult = ray.get(reference)
+        return result.row, result.tokens
+    except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError,
+            ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError) as error:
+        logger.error("cell %s (%s @ %s) was lost: %s", cell.cell_key, cell.source, cell.revision, error)
+        return _finish(base_row(cell), time.perf_counter(), "failed", error).row, None
+
+
+def task_resources(cluster: dict, nodes: list[dict], device: str, cpus_per_task: float | None) -> TaskResources:
+    """Decide what each cell task requests.
+
+    Raises:
+        ValueError: device "cuda" on a cluster without GPUs, or an unknown device.
+    """
+    gpus = cluster.get("GPU", 0)
+    if device == "cuda" and gpus < 1:
+        raise ValueError(
+            "device 'cuda' was requested but the Ray cluster reports no GPU; "
+            "use --device cpu, or add GPU nodes to the cluster"
+        )
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device {device!r} is unknown; use auto, cpu or cuda")
+    if device != "cpu" and gpus >= 1:
+        return TaskResources(num_cpus=1, num_gpus=1, device="cuda")
+
+    largest_node = max((node.get("Resources", {}).get("CPU", 0) for node in nodes if node.get("Alive", True)), default=1)
+    cpus = cpus_per_task if cpus_per_task is not None else max(1, largest_node)
+    if cpus > largest_node:
+        raise ValueError(
+            f"{cpus} CPUs per task were requested but the largest node has {largest_node}; "
+            "lower --cpus-per-task"
+        )
+    return TaskResources(num_cpus=cpus, num_gpus=0, device="cpu")
+
+
+def forwarded_environment(local: bool) -> dict[str, str]:
+    """Return the Hub client variables of this process that tasks should see."""
+    names = FORWARDED_VARIABLES + (LOCAL_ONLY_VARIABLES if local else ())
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
+def _is_local(address: str | None) -> bool:
+    return address is None and not os.environ.get("RAY_ADDRESS")
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if _is_local(address):
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+
+
+def _compute_remote(cell_data: dict, device: str):
+    """Ray task body: compute one cell with the CPUs Ray assigned to it."""
+    import ray
+    import torch
+
+    from raysweep.cell import compute_cell
+
+    assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if assigned:
+        torch.set_num_threads(max(1, int(assigned)))
+    return compute_cell(Cell.from_dict(cell_data), device)
