@@ -28,11 +28,16 @@ class CellResult:
     tokens: pa.Table | None
 
 
-def compute_cell(cell: Cell, device: str = "auto") -> CellResult:
+def compute_cell(cell: Cell, device: str = "auto", estimate_fn=estimate) -> CellResult:
     """Compute one cell; errors become a row with status "failed" or "missing".
 
-    Bad input (a missing revision, an unknown layout, non-finite rows, k too
-    large) never raises out of here, so one bad cell cannot stop a sweep.
+    Every exception (a missing revision, an unknown layout, non-finite rows,
+    k too large) is caught at this boundary, so one bad cell cannot stop a sweep.
+
+    Args:
+        estimate_fn: called as estimate_fn(matrix, settings, device=...) and
+            returning an `Estimate`; the runner passes one that shards the
+            work over Ray tasks.
     """
     started = time.perf_counter()
     row = base_row(cell)
@@ -51,7 +56,7 @@ def compute_cell(cell: Cell, device: str = "auto") -> CellResult:
             hidden_size=int(loaded.matrix.shape[1]),
             device=describe_device(target),
         )
-        result = estimate(loaded.matrix, cell.settings, device=str(target))
+        result = estimate_fn(loaded.matrix, cell.settings, device=str(target))
     except SourceMissing as error:
         return _finish(row, started, "missing", error)
     except (SourceError, EmbeddingKeyError, ValueError) as error:

@@ -85,6 +85,9 @@ def submit(
         help="auto: one GPU per task when the cluster has GPUs, else CPU; cpu; cuda.")] = "auto",
     cpus_per_task: Annotated[Optional[float], typer.Option(
         help="CPUs per CPU task. Default: all CPUs of the largest node.")] = None,
+    shards: Annotated[Optional[int], typer.Option(
+        help="Split each matrix's query rows over this many Ray tasks (one GPU each where there "
+             "are GPUs); the results do not change. Default: the job's, else 1.")] = None,
 ) -> None:
     """Run every unfinished cell of a job on Ray and write the ID table as Parquet.
 
@@ -95,7 +98,7 @@ def submit(
     from raysweep import jobs, runner
 
     try:
-        spec = jobs.with_settings(jobs.load_job(job), k=k, k_min=k_min)
+        spec = jobs.with_settings(jobs.load_job(job), shards=shards, k=k, k_min=k_min)
     except (jobs.JobError, ValueError) as error:
         _fail(str(error))
     out = out or Path("results") / spec.name

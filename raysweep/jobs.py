@@ -18,14 +18,15 @@ A job file names its sources and the estimator settings:
 
 A `[[sources]]` table takes exactly one of `source`, `sources` (a list) or
 `family`, and at most one of `revision`, `revisions` (a list) or `schedule`.
-Any estimator setting (k, k_min, duplicates) can be overridden per table.
+Any estimator setting (k, k_min, duplicates) and `shards` (Ray tasks that
+split one matrix's query rows) can be set per table.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 try:
@@ -38,10 +39,10 @@ from raysweep.estimator import EstimatorSettings
 from raysweep.keys import MATRICES
 from raysweep.schedules import FAMILIES, SCHEDULES, step_of
 
-JOB_KEYS = {"name", "description", "k", "k_min", "duplicates", "sources"}
+JOB_KEYS = {"name", "description", "k", "k_min", "duplicates", "shards", "sources"}
 SOURCE_KEYS = {
     "label", "source", "sources", "family", "revision", "revisions", "schedule",
-    "matrix", "key", "k", "k_min", "duplicates",
+    "matrix", "key", "k", "k_min", "duplicates", "shards",
 }
 
 
@@ -60,6 +61,8 @@ class Cell:
     matrix: str
     key: str | None
     settings: EstimatorSettings
+    # Ray tasks that split the query rows; placement only, so not in the key.
+    shards: int = 1
 
     @property
     def step(self) -> int | None:
@@ -178,11 +181,15 @@ def _expand_table(job: str, defaults: dict, table: dict, where: str) -> list[Cel
         raise JobError(f"{where}: matrix = {matrix!r} is invalid; use 'input' or 'output'")
     settings = _settings_of(defaults, table, where)
 
+    shards = table.get("shards", defaults.get("shards", 1))
+    if not isinstance(shards, int) or shards < 1:
+        raise JobError(f"{where}: shards = {shards!r} must be a positive integer")
+
     label = table.get("label")
     if label is not None and len(sources) > 1:
         raise JobError(f"{where}: label applies to a single source, but the table names {len(sources)}")
     return [
-        Cell(job, label or source, source, revision, matrix, table.get("key"), settings)
+        Cell(job, label or source, source, revision, matrix, table.get("key"), settings, shards)
         for source in sources
         for revision in revisions
     ]
@@ -235,13 +242,15 @@ def _settings_of(defaults: dict, table: dict, where: str) -> EstimatorSettings:
         raise JobError(f"{where}: {error}") from error
 
 
-def with_settings(job: Job, **overrides) -> Job:
-    """Return the job with estimator settings overridden in every cell (CLI options)."""
+def with_settings(job: Job, shards: int | None = None, **overrides) -> Job:
+    """Return the job with estimator settings or shards overridden in every cell (CLI options)."""
     overrides = {name: value for name, value in overrides.items() if value is not None}
-    if not overrides:
+    if not overrides and shards is None:
         return job
+    if shards is not None and shards < 1:
+        raise JobError(f"shards = {shards} must be a positive integer")
     cells = []
     for cell in job.cells:
         settings = EstimatorSettings(**{**asdict(cell.settings), **overrides})
-        cells.append(Cell(cell.job, cell.label, cell.source, cell.revision, cell.matrix, cell.key, settings))
+        cells.append(replace(cell, settings=settings, shards=shards or cell.shards))
     return Job(job.name, job.description, job.path, tuple(cells))

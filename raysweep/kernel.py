@@ -45,6 +45,9 @@ FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 # Size of one gathered block of candidate rows in the float64 recomputation.
 EXACT_STEP_BYTES = 4 << 20
 
+# Block size of the symmetric CPU scan (see `_block_rows`).
+SYMMETRIC_BLOCK_ROWS = 4096
+
 
 @dataclass(frozen=True)
 class NeighbourTable:
@@ -97,6 +100,7 @@ def nearest_neighbours(
     query_stop: int | None = None,
     margin: int = 8,
     budget_bytes: int | None = None,
+    method: str = "auto",
 ) -> NeighbourTable:
     """Find the k nearest other rows of each query row, exactly.
 
@@ -109,6 +113,10 @@ def nearest_neighbours(
         margin: extra float32 candidates kept beyond k, so that rounding near
             the k-th neighbour is resolved by the float64 recomputation.
         budget_bytes: bound on the working buffers; defaults per device type.
+        method: "symmetric" (CPU only: each block product serves two row
+            blocks, with numba heaps for selection), "topk" (row chunks
+            against column blocks with torch.topk, any device), or "auto":
+            symmetric on CPU, topk elsewhere.
 
     Returns:
         A NeighbourTable for rows query_start..query_stop - 1.
@@ -127,29 +135,45 @@ def nearest_neighbours(
         raise ValueError(f"k = {k} must be between 1 and rows - 1 = {n - 1}")
     if not 0 <= query_start <= query_stop <= n:
         raise ValueError(f"query rows {query_start}:{query_stop} are outside 0:{n}")
+    if method == "auto":
+        method = "symmetric" if centred.device.type == "cpu" else "topk"
+    if method not in ("symmetric", "topk"):
+        raise ValueError(f"method {method!r} is unknown; use auto, symmetric or topk")
+    if method == "symmetric" and centred.device.type != "cpu":
+        raise ValueError(f"the symmetric method runs on the CPU only, not on {centred.device}")
 
     device = centred.device
     budget = budget_bytes or DEFAULT_BUDGET_BYTES.get(device.type, 1 << 30)
     candidates = min(k + margin, n - 1)
     block_columns = min(n, MAX_BLOCK_COLUMNS)
-    chunk_rows = _chunk_rows(budget, block_columns, candidates, d)
 
     # (n, d) float32 copy for the GEMMs; squared norms from float64 values.
     matrix32 = centred.to(torch.float32)
     norms_sq64 = (centred * centred).sum(dim=1)
     norms_sq32 = norms_sq64.to(torch.float32)
-    tolerance = _score_error_bound(norms_sq64, d)
+    tolerance = _distance_error_bound(norms_sq64, d)
 
-    distances, indices = [], []
-    rescanned = 0
     with _exact_float32_matmul():
-        for start in range(query_start, query_stop, chunk_rows):
-            query_ids = torch.arange(start, min(start + chunk_rows, query_stop), device=device)
-            scores, candidate_ids = _candidate_scan(
-                matrix32, norms_sq32, query_ids, candidates, block_columns
+        if method == "symmetric" and query_stop > query_start:
+            worst_sq, candidate_ids = _symmetric_candidates(
+                matrix32, norms_sq32, query_start, query_stop, candidates, _block_rows(budget, n)
             )
-            chunk_sq, chunk_ids = _exact_top_k(centred, query_ids, candidate_ids, k)
-            uncertain = _uncertain_rows(norms_sq64, tolerance, query_ids, scores, chunk_sq, k)
+        else:
+            worst_sq, candidate_ids = _blocked_candidates(
+                matrix32, norms_sq32, norms_sq64, query_start, query_stop, candidates,
+                block_columns, _chunk_rows(budget, block_columns, candidates),
+            )
+
+        distances, indices = [], []
+        rescanned = 0
+        step = _chunk_rows(budget, block_columns, candidates)
+        for first in range(0, query_stop - query_start, step):
+            last = min(first + step, query_stop - query_start)
+            query_ids = torch.arange(query_start + first, query_start + last, device=device)
+            chunk_sq, chunk_ids = _exact_top_k(centred, query_ids, candidate_ids[first:last], k)
+            uncertain = _uncertain_rows(
+                tolerance[query_ids], worst_sq[first:last], chunk_sq, k, candidates == n - 1
+            )
             if uncertain.any():
                 rows = torch.nonzero(uncertain).flatten()
                 rescanned += int(rows.numel())
@@ -173,7 +197,90 @@ def nearest_neighbours(
     return NeighbourTable(torch.cat(distances), torch.cat(indices), rescanned)
 
 
-def _chunk_rows(budget: int, block_columns: int, candidates: int, d: int) -> int:
+def _block_rows(budget: int, n: int) -> int:
+    """Pick the square block size of the symmetric CPU scan."""
+    # Diagonal blocks are computed whole, so large blocks waste up to
+    # block / n of the work; 4096 balances that against GEMM efficiency.
+    fits = int(math.isqrt(max(1, budget // 8)))
+    return max(1, min(SYMMETRIC_BLOCK_ROWS, fits, n))
+
+
+def _symmetric_candidates(
+    matrix32: torch.Tensor,
+    norms_sq32: torch.Tensor,
+    query_start: int,
+    query_stop: int,
+    candidates: int,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select float32 candidates for the query rows with each block product computed once.
+
+    A product of two blocks of query rows serves the rows of both, so a whole
+    matrix costs half the GEMM work of a row-by-row scan.
+
+    Returns:
+        The largest candidate squared distance of each query row (float64)
+        and the (queries, candidates) candidate row ids.
+    """
+    from raysweep import selection
+
+    n = matrix32.shape[0]
+    queries = query_stop - query_start
+    heap_values, heap_ids = selection.empty_heaps(queries, candidates)
+    query_blocks = [(a, min(a + block, query_stop)) for a in range(query_start, query_stop, block)]
+    other_blocks = [(a, min(a + block, query_start)) for a in range(0, query_start, block)]
+    other_blocks += [(a, min(a + block, n)) for a in range(query_stop, n, block)]
+    buffer = torch.empty((block, block), dtype=torch.float32)
+    norms = norms_sq32.numpy()
+    threads = torch.get_num_threads()
+    selection.numba.set_num_threads(max(1, min(threads, selection.numba.config.NUMBA_NUM_THREADS)))
+
+    for position, (row_first, row_last) in enumerate(query_blocks):
+        rows = matrix32[row_first:row_last]  # (block, d)
+        pairs = [(pair, True) for pair in query_blocks[position:]] + [(pair, False) for pair in other_blocks]
+        for (column_first, column_last), is_query in pairs:
+            scores = buffer[: row_last - row_first, : column_last - column_first]
+            torch.addmm(norms_sq32[column_first:column_last].unsqueeze(0), rows,
+                        matrix32[column_first:column_last].T, beta=1, alpha=-2, out=scores)
+            block_scores = scores.numpy()
+            selection.select_rows(block_scores, norms[row_first:row_last], heap_values, heap_ids,
+                                  row_first - query_start, row_first, column_first)
+            if is_query and column_first != row_first:
+                selection.select_columns(block_scores, norms[row_first:row_last], heap_values, heap_ids,
+                                         column_first - query_start, row_first, threads)
+
+    worst = torch.from_numpy(heap_values.max(axis=1)).to(torch.float64)
+    return worst, torch.from_numpy(heap_ids)
+
+
+def _blocked_candidates(
+    matrix32: torch.Tensor,
+    norms_sq32: torch.Tensor,
+    norms_sq64: torch.Tensor,
+    query_start: int,
+    query_stop: int,
+    candidates: int,
+    block_columns: int,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select float32 candidates chunk by chunk with torch.topk (any device).
+
+    Returns the same as `_symmetric_candidates`.
+    """
+    worst, ids = [], []
+    for start in range(query_start, query_stop, chunk_rows):
+        query_ids = torch.arange(start, min(start + chunk_rows, query_stop), device=matrix32.device)
+        scores, candidate_ids = _candidate_scan(matrix32, norms_sq32, query_ids, candidates, block_columns)
+        # Scores lack the query's own |x|^2; adding it gives squared distances.
+        worst.append(scores.max(dim=1).values.to(torch.float64) + norms_sq64[query_ids])
+        ids.append(candidate_ids)
+    if not ids:
+        empty = torch.empty((0, candidates), dtype=torch.int64, device=matrix32.device)
+        return torch.empty(0, dtype=torch.float64, device=matrix32.device), empty
+    return torch.cat(worst), torch.cat(ids)
+
+
+def _chunk_rows(budget: int, block_columns: int, candidates: int) -> int:
     """Pick the query chunk height that keeps the working set inside the budget."""
     # Per query row: one float32 score row per block, the merged candidate
     # scores and ids, and the float64 exact distances.
@@ -182,19 +289,19 @@ def _chunk_rows(budget: int, block_columns: int, candidates: int, d: int) -> int
     return int(min(rows, MAX_BLOCK_ELEMENTS // block_columns))
 
 
-def _score_error_bound(norms_sq64: torch.Tensor, d: int) -> torch.Tensor:
-    """Bound the float32 error of |y|^2 - 2 x.y, per query row x, over all y.
+def _distance_error_bound(norms_sq64: torch.Tensor, d: int) -> torch.Tensor:
+    """Bound the float32 error of a squared distance |x|^2 + |y|^2 - 2 x.y, per row x, over all y.
 
     Uses the dot-product bound |fl(x.y) - x.y| <= gamma_d |x| |y| with
-    gamma_d = d u / (1 - d u), applied to 2 x.y and to |y|^2, with three
-    more roundings for the float32 inputs and the final addition, against
-    the largest row norm in the matrix.
+    gamma_d = d u / (1 - d u), widened by six more roundings (the float32
+    inputs, both norms, the subtraction and the addition), against the
+    largest row norm in the matrix: gamma (|x| + max |y|)^2 covers every term.
     """
-    ulp_terms = (d + 3) * FLOAT32_UNIT_ROUNDOFF
+    ulp_terms = (d + 6) * FLOAT32_UNIT_ROUNDOFF
     gamma = ulp_terms / (1 - ulp_terms)
     norms = norms_sq64.sqrt()
     largest = norms.max()
-    return 1.01 * gamma * (2 * norms * largest + largest * largest)
+    return 1.01 * gamma * (norms + largest) ** 2
 
 
 def _candidate_scan(
@@ -271,25 +378,18 @@ def _exact_top_k(
 
 
 def _uncertain_rows(
-    norms_sq64: torch.Tensor,
-    tolerance: torch.Tensor,
-    query_ids: torch.Tensor,
-    scores: torch.Tensor,
-    top_sq: torch.Tensor,
-    k: int,
+    tolerance: torch.Tensor, worst_sq: torch.Tensor, top_sq: torch.Tensor, k: int, exhaustive: bool
 ) -> torch.Tensor:
     """Mark rows whose k-th neighbour distance the float32 pass cannot certify.
 
-    Every row outside the candidates has a float32 score of at least the
-    worst candidate score, so an exact score of at least that minus the
-    error bound. If that is no smaller than the k-th exact score, no row
-    outside the candidates can be closer than the k-th neighbour.
+    Every row outside the candidates has a float32 squared distance of at
+    least the worst candidate's, so an exact one of at least that minus the
+    error bound. If that is no smaller than the k-th exact squared distance,
+    no row outside the candidates can be closer than the k-th neighbour.
     """
-    if scores.shape[1] >= norms_sq64.shape[0] - 1:
-        return torch.zeros(query_ids.numel(), dtype=torch.bool, device=scores.device)
-    kth_exact_score = top_sq[:, k - 1] - norms_sq64[query_ids]
-    worst_candidate = scores.max(dim=1).values.to(torch.float64)
-    return worst_candidate - tolerance[query_ids] < kth_exact_score
+    if exhaustive:  # every other row is a candidate
+        return torch.zeros(top_sq.shape[0], dtype=torch.bool, device=top_sq.device)
+    return worst_sq - tolerance < top_sq[:, k - 1]
 
 
 @contextlib.contextmanager

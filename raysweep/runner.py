@@ -1,6 +1,6 @@
 """Run a job's cells as Ray tasks and store each result as it arrives.
 
-Each cell is one Ray task. The driver asks for one GPU per task only when the
+Each cell is one Ray task. The driver requests one GPU per task only when the
 cluster reports GPUs, so a CPU-only cluster never waits for a GPU that does
 not exist. Finished cells are skipped, so running a job again resumes it.
 """
@@ -35,7 +35,7 @@ LOCAL_ONLY_VARIABLES = ("HF_HOME", "HF_HUB_CACHE")
 
 @dataclass
 class RunSummary:
-    """What a run did: cells skipped as finished, computed, and their rows."""
+    """Counts of skipped and computed cells of a run, and the job's rows."""
 
     skipped: int = 0
     computed: int = 0
@@ -48,7 +48,7 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class TaskResources:
-    """What each cell task asks Ray for, and the device it computes on."""
+    """Resources that each cell task requests from Ray, and its compute device."""
 
     num_cpus: float
     num_gpus: float
@@ -119,13 +119,13 @@ def _run_on_ray(pending, out, address, device, cpus_per_task, on_start, on_resul
             on_start(len(pending), resources)
         logger.info("running %d cells, each with %s", len(pending), resources)
 
-        remote = ray.remote(_compute_remote).options(
-            num_cpus=resources.num_cpus,
-            num_gpus=resources.num_gpus,
-            max_retries=TASK_MAX_RETRIES,
-            runtime_env={"env_vars": forwarded_environment(local=_is_local(address))},
-        )
-        waiting = {remote.remote(cell.to_dict(), resources.device): cell for cell in pending}
+        task_options = {
+            "num_cpus": resources.num_cpus,
+            "num_gpus": resources.num_gpus,
+            "max_retries": TASK_MAX_RETRIES,
+            "runtime_env": {"env_vars": forwarded_environment(local=_is_local(address))},
+        }
+        waiting = {_submit_cell(ray, cell, resources, task_options): cell for cell in pending}
         rows = []
         while waiting:
             done, _ = ray.wait(list(waiting), num_returns=1)
@@ -201,14 +201,83 @@ def _init_ray(address: str | None) -> None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
 
-def _compute_remote(cell_data: dict, device: str):
+def _submit_cell(ray, cell: Cell, resources: TaskResources, task_options: dict):
+    """Start the task of one cell and return its object reference.
+
+    A sharded cell's task only loads, validates and reduces: it holds one CPU
+    and no GPU, because Ray returns a task's CPUs, but not its GPUs, while it
+    waits for the shard tasks it started.
+    """
+    remote = ray.remote(_compute_remote)
+    if cell.shards == 1:
+        return remote.options(**task_options).remote(cell.to_dict(), resources.device, None)
+    coordinator = {**task_options, "num_cpus": 1, "num_gpus": 0}
+    return remote.options(**coordinator).remote(cell.to_dict(), resources.device, task_options)
+
+
+def _compute_remote(cell_data: dict, device: str, shard_options: dict | None):
     """Ray task body: compute one cell with the CPUs Ray assigned to it."""
+    from raysweep.cell import compute_cell
+
+    _use_assigned_cpus()
+    cell = Cell.from_dict(cell_data)
+    if shard_options is None:
+        return compute_cell(cell, device)
+
+    def estimate_sharded(matrix, settings, device):
+        return sharded_estimate(matrix, settings, device, cell.shards, shard_options)
+
+    return compute_cell(cell, device, estimate_fn=estimate_sharded)
+
+
+def sharded_estimate(matrix, settings, device: str, shards: int, shard_options: dict):
+    """Estimate one matrix with its query rows split over `shards` Ray tasks.
+
+    The prepared matrix goes into the object store once and every shard task
+    reads it from there; each returns the partial statistics of its rows,
+    which reduce to the same result as one task (see `estimator.reduce`).
+    """
     import ray
+
+    from raysweep import estimator
+
+    prepared = estimator.prepare(matrix, settings)
+    rows_ref = ray.put(prepared.rows)
+    bounds = shard_bounds(prepared.rows.shape[0], shards)
+    shard = ray.remote(_shard_remote).options(**shard_options)
+    references = [shard.remote(rows_ref, settings, first, last, device) for first, last in bounds]
+    logger.info("split %d rows over %d shard tasks", prepared.rows.shape[0], len(references))
+    return estimator.reduce(prepared, settings, ray.get(references))
+
+
+def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
+    """Split rows 0..rows into at most `shards` contiguous, non-empty ranges."""
+    shards = max(1, min(shards, rows))
+    edges = [round(i * rows / shards) for i in range(shards + 1)]
+    return [(first, last) for first, last in zip(edges[:-1], edges[1:]) if last > first]
+
+
+def _shard_remote(rows, settings, first: int, last: int, device: str):
+    """Ray task body: partial statistics of query rows first..last - 1."""
+    import warnings
+
     import torch
 
-    from raysweep.cell import compute_cell
+    from raysweep import estimator, kernel
+
+    _use_assigned_cpus()
+    with warnings.catch_warnings():
+        # Arrays from the object store are read-only; the kernel never writes them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        matrix = torch.from_numpy(rows)
+    centred = kernel.centre(matrix).to(kernel.resolve_device(device))
+    return estimator.partial_statistics(centred, settings, first, last)
+
+
+def _use_assigned_cpus() -> None:
+    import ray
+    import torch
 
     assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
     if assigned:
         torch.set_num_threads(max(1, int(assigned)))
-    return compute_cell(Cell.from_dict(cell_data), device)

@@ -137,9 +137,9 @@ def load_local(path: Path, matrix: str = "input", key: str | None = None) -> Loa
 
 
 def load_hub(repo_id: str, revision: str, matrix: str = "input", key: str | None = None) -> LoadedMatrix:
-    """Download the checkpoint file that holds the embedding and read the tensor.
+    """Download the checkpoint file that contains the embedding and read the tensor.
 
-    NOTE: this downloads the whole weights file (or the one shard that holds
+    NOTE: this downloads the whole weights file (or the one shard that contains
     the tensor) into the Hub cache, not only the tensor's byte range.
     """
     from huggingface_hub import errors
@@ -185,7 +185,7 @@ def load_hub(repo_id: str, revision: str, matrix: str = "input", key: str | None
 
 
 def _known_absent(repo_id: str, filename: str, revision: str) -> bool:
-    """Whether the cache recorded that the file does not exist, when offline.
+    """Return True when offline and the cache recorded that the file does not exist.
 
     Online, the Hub is asked again, since a branch can gain files.
     """
@@ -195,7 +195,7 @@ def _known_absent(repo_id: str, filename: str, revision: str) -> bool:
         return False
     cached = try_to_load_from_cache(repo_id, filename, revision=revision)
     # A str is a cached path, None means unknown, and a sentinel object
-    # means the Hub answered 404 for this file at this revision.
+    # means the Hub returned 404 for this file at this revision.
     return cached is not None and not isinstance(cached, str)
 
 
@@ -238,7 +238,7 @@ def _hub_tokens(repo_id: str, revision: str, rows: int) -> list[str] | None:
 
 
 def _load_directory(directory: Path, matrix: str, key: str | None) -> LoadedMatrix:
-    """Load from a directory in Hub layout, reading only the shard that holds the tensor."""
+    """Load from a directory in Hub layout, reading only the shard that contains the tensor."""
     for name in WEIGHT_FILES:
         path = directory / name
         if not path.is_file():
@@ -297,7 +297,7 @@ def _read_torch_bin(path: Path, matrix: str, key: str | None) -> tuple[str, torc
             f"{path} could not be loaded as a weights-only torch checkpoint: {error}"
         ) from error
     if not isinstance(state, dict):
-        raise SourceError(f"{path} holds a {type(state).__name__}, expected a state dict")
+        raise SourceError(f"{path} contains a {type(state).__name__}, expected a state dict of tensors")
     tensor_key = key or find_embedding_key(state, matrix)
     if tensor_key not in state:
         raise SourceError(f"key {tensor_key!r} is not in {path}")

@@ -142,7 +142,7 @@ def read_cell(out: Path, cell_key: str) -> dict | None:
 
 
 def is_finished(out: Path, cell_key: str) -> bool:
-    """Whether a cell has a valid "ok" row and readable per-token LIDs."""
+    """Return True when a cell has a valid "ok" row and readable per-token LIDs."""
     row = read_cell(out, cell_key)
     if row is None or row["status"] != "ok":
         return False

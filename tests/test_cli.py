@@ -43,7 +43,8 @@ def test_help_does_not_import_torch_or_ray():
 def test_jobs_lists_bundled_jobs():
     result = runner.invoke(app, ["jobs"])
     assert result.exit_code == 0
-    assert "quickstart" in result.output and "all-pythia" in result.output
+    assert "quickstart" in result.output
+    assert "all-pythia" in result.output
     assert "1540" in result.output
 
 
@@ -55,7 +56,8 @@ def test_estimate_json_has_table_fields(plane_file):
     from raysweep.store import COLUMNS
 
     assert set(row) == set(COLUMNS)
-    assert row["status"] == "ok" and row["k"] == 10
+    assert row["status"] == "ok"
+    assert row["k"] == 10
     from raysweep.estimator import EstimatorSettings
 
     assert row["id_mle"] == pytest.approx(estimate(data, EstimatorSettings(k=10)).id_mle, rel=1e-12)
@@ -65,7 +67,8 @@ def test_estimate_table_output(plane_file):
     path, _ = plane_file
     result = runner.invoke(app, ["estimate", str(path), "--k", "10"])
     assert result.exit_code == 0, result.output
-    assert "id_mle" in result.output and "ok" in result.output
+    assert "id_mle" in result.output
+    assert "ok" in result.output
 
 
 def test_estimate_missing_source_exits_with_status(tmp_path):

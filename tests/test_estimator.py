@@ -138,7 +138,8 @@ def test_duplicated_rows_are_dropped_and_counted():
     assert result.duplicate_rows == 60
     assert result.rows_used == 1000
     assert result.rows_in_matrix == 1060
-    assert math.isfinite(result.id_mle) and result.id_mle > 0
+    assert math.isfinite(result.id_mle)
+    assert result.id_mle > 0
     assert result.nonfinite_lid == 0
     assert result.id_mle == pytest.approx(estimate(data).id_mle, rel=1e-12)
 
@@ -194,12 +195,13 @@ def test_k_range_averages_over_k():
     data = flat_torus(2000)
     ranged = estimate(data, EstimatorSettings(k=12, k_min=8))
     singles = [estimate(data, EstimatorSettings(k=k)) for k in range(8, 13)]
-    assert ranged.k == 12 and ranged.k_min == 8
+    assert ranged.k == 12
+    assert ranged.k_min == 8
     assert ranged.id_mle == pytest.approx(np.mean([s.id_mle for s in singles]), rel=1e-12)
     np.testing.assert_allclose(ranged.lids, np.mean([s.lids for s in singles], axis=0), rtol=1e-12)
 
 
-def test_equidistant_neighbours_give_infinite_local_id_but_finite_global():
+def test_equidistant_neighbours_finite_global_id():
     # The origin has its 6 nearest neighbours at +-e_i, all at distance exactly 1.
     # Integer points in mirror pairs keep the mean and every distance exact.
     axes = np.concatenate([np.eye(3), -np.eye(3)])
@@ -208,7 +210,8 @@ def test_equidistant_neighbours_give_infinite_local_id_but_finite_global():
     result = estimate(data, EstimatorSettings(k=6))
     assert math.isinf(result.lids[0])
     assert result.nonfinite_lid >= 1
-    assert math.isfinite(result.id_mle) and result.id_mle > 0
+    assert math.isfinite(result.id_mle)
+    assert result.id_mle > 0
     assert math.isfinite(result.id_mean)
 
 

@@ -40,13 +40,16 @@ def test_each_branch_gives_its_own_matrix(fake_hub, two_branches):
     main = load_matrix(REPO, revision="main")
     assert torch.equal(step0.matrix, embedding(two_branches["step0"]))
     assert torch.equal(main.matrix, embedding(two_branches["main"]))
-    assert step0.weights_format == "safetensors" and step0.weights_file == "model.safetensors"
-    assert main.weights_format == "pytorch-bin" and main.weights_file.startswith("pytorch_model-00001-of-")
+    assert step0.weights_format == "safetensors"
+    assert step0.weights_file == "model.safetensors"
+    assert main.weights_format == "pytorch-bin"
+    assert main.weights_file.startswith("pytorch_model-00001-of-")
     assert step0.resolved_revision == fake_hub.commit_sha(REPO, "step0")
     assert main.resolved_revision == fake_hub.commit_sha(REPO, "main")
     assert step0.fetched_bytes > 0
     # 150 tokenizer entries for 200 rows: the padding rows have no token.
-    assert step0.tokens[:2] != ["", ""] and step0.tokens[199] == ""
+    assert step0.tokens[:2] != ["", ""]
+    assert step0.tokens[199] == ""
 
 
 def test_sharded_bin_reads_only_the_first_shard(fake_hub, two_branches):
@@ -110,7 +113,8 @@ def test_submit_through_ray_reads_from_fake_hub(local_ray, fake_hub, two_branche
         row = rows[branch]
         assert row["status"] == "ok"
         assert row["step"] == (0 if branch == "step0" else None)
-        assert row["rows_in_matrix"] == 200 and row["hidden_size"] == 32
+        assert row["rows_in_matrix"] == 200
+        assert row["hidden_size"] == 32
         assert row["resolved_revision"] == fake_hub.commit_sha(REPO, branch)
     assert rows["step0"]["tensor_sha256"] != rows["main"]["tensor_sha256"]
 

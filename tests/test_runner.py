@@ -110,3 +110,30 @@ def test_hub_settings_forwarded_to_tasks(monkeypatch):
     remote = runner.forwarded_environment(local=False)
     assert remote["HF_ENDPOINT"] == "http://127.0.0.1:9"
     assert "HF_HOME" not in remote
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_sharded_cell_equals_single_task(local_ray, tmp_path, shards):
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "cube.npy", rng.random((3000, 3)))
+    single_job = tmp_path / "single.toml"
+    single_job.write_text(f'[[sources]]\nsource = "{tmp_path / "cube.npy"}"\n')
+    sharded_job = tmp_path / "sharded.toml"
+    sharded_job.write_text(f'shards = {shards}\n[[sources]]\nsource = "{tmp_path / "cube.npy"}"\n')
+
+    single = runner.run_job(load_job(str(single_job)), tmp_path / "single")
+    sharded = runner.run_job(load_job(str(sharded_job)), tmp_path / "sharded")
+    one, many = single.rows[0], sharded.rows[0]
+    assert many["status"] == "ok"
+    assert many["cell_key"] == one["cell_key"]
+    assert many["id_mle"] == pytest.approx(one["id_mle"], rel=1e-12)
+    assert many["id_median"] == one["id_median"]
+    single_lids = pq.read_table(store.tokens_path(tmp_path / "single", one["cell_key"])).column("lid")
+    sharded_lids = pq.read_table(store.tokens_path(tmp_path / "sharded", many["cell_key"])).column("lid")
+    assert single_lids.to_pylist() == sharded_lids.to_pylist()
+
+
+def test_shard_bounds_cover_rows_once():
+    assert runner.shard_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert runner.shard_bounds(2, 5) == [(0, 1), (1, 2)]
+    assert runner.shard_bounds(7, 1) == [(0, 7)]
