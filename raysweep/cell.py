@@ -15,7 +15,7 @@ from raysweep import ESTIMATOR_VERSION, __version__, kernel, store
 from raysweep.estimator import estimate
 from raysweep.jobs import Cell
 from raysweep.keys import EmbeddingKeyError
-from raysweep.sources import SourceError, SourceMissing, load_matrix
+from raysweep.sources import SourceError, SourceMissing, load_matrix, select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,11 @@ def compute_cell(cell: Cell, device: str = "auto", estimate_fn=estimate) -> Cell
     try:
         target = kernel.resolve_device(device)
         loaded = load_matrix(cell.source, cell.revision, cell.matrix, cell.key)
+        rows, row_policy = select_rows(loaded, cell.row_policy)
         row.update(
+            row_policy=row_policy,
+            tokenizer_rows=loaded.tokenizer_rows,
+            malformed_rows=loaded.malformed_rows,
             tensor_key=loaded.tensor_key,
             tensor_sha256=loaded.tensor_sha256,
             weights_file=loaded.weights_file,
@@ -56,7 +60,7 @@ def compute_cell(cell: Cell, device: str = "auto", estimate_fn=estimate) -> Cell
             hidden_size=int(loaded.matrix.shape[1]),
             device=describe_device(target),
         )
-        result = estimate_fn(loaded.matrix, cell.settings, device=str(target))
+        result = estimate_fn(rows, cell.settings, device=str(target))
     except SourceMissing as error:
         return _finish(row, started, "missing", error)
     except (SourceError, EmbeddingKeyError, ValueError) as error:
@@ -65,8 +69,8 @@ def compute_cell(cell: Cell, device: str = "auto", estimate_fn=estimate) -> Cell
         logger.exception("cell %s (%s @ %s) failed", cell.cell_key, cell.source, cell.revision)
         return _finish(row, started, "failed", error)
 
+    # rows_in_matrix stays the stored matrix's count, which the row policy may exceed.
     row.update(
-        rows_in_matrix=result.rows_in_matrix,
         rows_used=result.rows_used,
         duplicate_rows=result.duplicate_rows,
         hidden_size=result.hidden_size,
@@ -99,7 +103,7 @@ def base_row(cell: Cell) -> dict:
         k_min=cell.settings.k_values[0],
         metric="euclidean",
         duplicate_policy=cell.settings.duplicates,
-        row_policy="all",
+        row_policy=cell.row_policy,
         **versions(),
     )
     return row

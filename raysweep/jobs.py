@@ -6,6 +6,7 @@ A job file names its sources and the estimator settings:
     description = "..."
     k = 20                      # optional, default 20; k_min = 10 for a k range
     duplicates = "drop"         # optional: "drop" or "error"
+    row_policy = "tokenizer"    # optional: "tokenizer" (rows the tokenizer covers) or "all"
 
     [[sources]]
     label = "all-MiniLM-L6-v2"  # optional, defaults to the source string
@@ -18,8 +19,8 @@ A job file names its sources and the estimator settings:
 
 A `[[sources]]` table takes exactly one of `source`, `sources` (a list) or
 `family`, and at most one of `revision`, `revisions` (a list) or `schedule`.
-Any estimator setting (k, k_min, duplicates) and `shards` (Ray tasks that
-split one matrix's query rows) can be set per table.
+Any estimator setting (k, k_min, duplicates), `row_policy` and `shards` (Ray
+tasks that split one matrix's query rows) can be set per table.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from raysweep import ESTIMATOR_VERSION
 from raysweep.estimator import EstimatorSettings
 from raysweep.keys import MATRICES
 from raysweep.schedules import FAMILIES, SCHEDULES, step_of
+from raysweep.sources import ROW_POLICIES
 
-JOB_KEYS = {"name", "description", "k", "k_min", "duplicates", "shards", "sources"}
+JOB_KEYS = {"name", "description", "k", "k_min", "duplicates", "row_policy", "shards", "sources"}
 SOURCE_KEYS = {
     "label", "source", "sources", "family", "revision", "revisions", "schedule",
-    "matrix", "key", "k", "k_min", "duplicates", "shards",
+    "matrix", "key", "k", "k_min", "duplicates", "row_policy", "shards",
 }
 
 
@@ -63,6 +65,8 @@ class Cell:
     settings: EstimatorSettings
     # Ray tasks that split the query rows; placement only, so not in the key.
     shards: int = 1
+    # "tokenizer" or "all"; see raysweep.sources.select_rows.
+    row_policy: str = "tokenizer"
 
     @property
     def step(self) -> int | None:
@@ -78,6 +82,7 @@ class Cell:
             "key": self.key,
             "metric": "euclidean",
             "settings": asdict(self.settings),
+            "row_policy": self.row_policy,
             "estimator_version": ESTIMATOR_VERSION,
         }
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -184,12 +189,15 @@ def _expand_table(job: str, defaults: dict, table: dict, where: str) -> list[Cel
     shards = table.get("shards", defaults.get("shards", 1))
     if not isinstance(shards, int) or shards < 1:
         raise JobError(f"{where}: shards = {shards!r} must be a positive integer")
+    row_policy = table.get("row_policy", defaults.get("row_policy", "tokenizer"))
+    if row_policy not in ROW_POLICIES:
+        raise JobError(f"{where}: row_policy = {row_policy!r} is invalid; use one of {list(ROW_POLICIES)}")
 
     label = table.get("label")
     if label is not None and len(sources) > 1:
         raise JobError(f"{where}: label applies to a single source, but the table names {len(sources)}")
     return [
-        Cell(job, label or source, source, revision, matrix, table.get("key"), settings, shards)
+        Cell(job, label or source, source, revision, matrix, table.get("key"), settings, shards, row_policy)
         for source in sources
         for revision in revisions
     ]
@@ -242,15 +250,77 @@ def _settings_of(defaults: dict, table: dict, where: str) -> EstimatorSettings:
         raise JobError(f"{where}: {error}") from error
 
 
-def with_settings(job: Job, shards: int | None = None, **overrides) -> Job:
-    """Return the job with estimator settings or shards overridden in every cell (CLI options)."""
+def with_settings(job: Job, shards: int | None = None, row_policy: str | None = None, **overrides) -> Job:
+    """Return the job with estimator settings, shards or row policy overridden in every cell (CLI options)."""
     overrides = {name: value for name, value in overrides.items() if value is not None}
-    if not overrides and shards is None:
+    if not overrides and shards is None and row_policy is None:
         return job
     if shards is not None and shards < 1:
         raise JobError(f"shards = {shards} must be a positive integer")
+    if row_policy is not None and row_policy not in ROW_POLICIES:
+        raise JobError(f"row policy {row_policy!r} is invalid; use one of {list(ROW_POLICIES)}")
     cells = []
     for cell in job.cells:
         settings = EstimatorSettings(**{**asdict(cell.settings), **overrides})
-        cells.append(replace(cell, settings=settings, shards=shards or cell.shards))
+        cells.append(replace(cell, settings=settings, shards=shards or cell.shards,
+                             row_policy=row_policy or cell.row_policy))
     return Job(job.name, job.description, job.path, tuple(cells))
+
+
+def parse_steps(text: str) -> set[int]:
+    """Parse a step selection such as "0,512,1000:143000:10000".
+
+    Items are separated by commas; START:STOP:STEP (STEP defaults to 1)
+    includes STOP when the range reaches it exactly.
+
+    Raises:
+        JobError: for an item that is not an integer or a valid range.
+    """
+    steps: set[int] = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        fields = item.split(":")
+        try:
+            numbers = [int(field) for field in fields]
+        except ValueError as error:
+            raise JobError(f"step selection item {item!r} is not an integer or START:STOP[:STEP]") from error
+        if len(numbers) == 1:
+            steps.add(numbers[0])
+        elif len(numbers) in (2, 3) and (len(numbers) == 2 or numbers[2] > 0) and numbers[0] <= numbers[1]:
+            stride = numbers[2] if len(numbers) == 3 else 1
+            steps.update(range(numbers[0], numbers[1] + 1, stride))
+        else:
+            raise JobError(f"step range {item!r} must be START:STOP[:STEP] with START <= STOP and STEP > 0")
+    return steps
+
+
+def select_cells(
+    job: Job, models: list[str] | None = None, steps: set[int] | None = None, limit: int | None = None
+) -> Job:
+    """Return the job restricted to some models, training steps and a number of cells.
+
+    A model name matches a cell's source, its label, or the last part of a
+    Hub id ("pythia-70m" matches "EleutherAI/pythia-70m"). With `steps`, only
+    revisions named stepN with N in the set remain.
+
+    Raises:
+        JobError: a model name matches no cell, or limit < 1.
+    """
+    cells = list(job.cells)
+    if models:
+        unmatched = [name for name in models if not any(_matches_model(cell, name) for cell in cells)]
+        if unmatched:
+            known = sorted({cell.source for cell in cells})
+            raise JobError(f"models {unmatched} match no source of job {job.name!r}; its sources: {known}")
+        cells = [cell for cell in cells if any(_matches_model(cell, name) for name in models)]
+    if steps is not None:
+        cells = [cell for cell in cells if cell.step is not None and cell.step in steps]
+    if limit is not None:
+        if limit < 1:
+            raise JobError(f"limit = {limit} must be at least 1")
+        cells = cells[:limit]
+    return replace(job, cells=tuple(cells))
+
+
+def _matches_model(cell: Cell, name: str) -> bool:
+    source = cell.source.removeprefix("hub:")
+    return name in (cell.source, source, cell.label, source.rsplit("/", 1)[-1])

@@ -201,8 +201,10 @@ def _block_rows(budget: int, n: int) -> int:
     """Pick the square block size of the symmetric CPU scan."""
     # Diagonal blocks are computed whole, so large blocks waste up to
     # block / n of the work; 4096 balances that against GEMM efficiency.
-    fits = int(math.isqrt(max(1, budget // 8)))
-    return max(1, min(SYMMETRIC_BLOCK_ROWS, fits, n))
+    # Equal-sized blocks avoid a last block too small for an efficient GEMM.
+    largest = max(1, min(SYMMETRIC_BLOCK_ROWS, math.isqrt(max(1, budget // 8)), n))
+    blocks = -(-n // largest)
+    return -(-n // blocks)
 
 
 def _symmetric_candidates(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raysweep import store
+from raysweep import integrity, store
 from raysweep.jobs import Cell, Job
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,9 @@ def run_job(
     elif on_start is not None:
         on_start(0, TaskResources(0, 0, "none"))
 
+    flagged = integrity.flag_duplicate_revisions(out)
     store.write_union(out)
-    finished = {row["cell_key"]: row for row in summary.rows}
+    finished = {row["cell_key"]: flagged.get(row["cell_key"], row) for row in summary.rows}
     for cell in job.cells:
         if cell.cell_key not in finished:
             row = store.read_cell(out, cell.cell_key)

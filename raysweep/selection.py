@@ -83,13 +83,18 @@ def select_columns(block, query_norms, heap_values, heap_ids, heap_offset, row_s
     for t in numba.prange(threads):
         first = t * width
         last = min(columns, first + width)
+        # Each thread keeps its columns' heap roots contiguous, so the inner
+        # loop reads two sequential arrays.
+        roots = heap_values[heap_offset + first : heap_offset + last, 0].copy()
         for r in range(rows):
             norm = query_norms[r]
             index = row_start + r
             for c in range(first, last):
                 value = block[r, c] + norm
-                if value < heap_values[heap_offset + c, 0]:
-                    _replace_root(heap_values[heap_offset + c], heap_ids[heap_offset + c], value, index)
+                if value < roots[c - first]:
+                    heap = heap_offset + c
+                    _replace_root(heap_values[heap], heap_ids[heap], value, index)
+                    roots[c - first] = heap_values[heap, 0]
 
 
 def empty_heaps(queries: int, m: int) -> tuple[np.ndarray, np.ndarray]:

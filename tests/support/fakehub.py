@@ -37,6 +37,11 @@ the content's sha256, and ``X-Linked-Size`` is their size. Other files are
 plain git blobs whose ``ETag`` is the git blob sha1 and that carry no
 ``X-Linked-*`` headers. ``add_file(..., lfs=...)`` overrides the choice.
 
+`FakeHub.gate` makes a repo gated: its resolve and API routes then answer 401
+with ``X-Error-Code: GatedRepo``, which the client raises as
+``huggingface_hub.errors.GatedRepoError``, unless the request carries
+``Authorization: Bearer TOKEN`` with the token given to `gate`.
+
 With ``FakeHub(cdn_redirects=True)``, resolve requests for LFS files get a 302
 to a second loopback server on another port, as the Hub redirects to its CDN.
 The client then stops at the 302 for metadata and drops the ``Authorization``
@@ -284,6 +289,7 @@ class FakeHub:
         self._pending_disconnects: dict[FileKey, list[int]] = {}
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
+        self._gate_tokens: dict[str, str] = {}
 
     # Lifecycle
 
@@ -414,6 +420,20 @@ class FakeHub:
             except KeyError:
                 raise KeyError(f"no file {path!r} on branch {revision!r} of repo {repo_id!r}") from None
             return self._commit_locked(repo_id, revision, files)
+
+    def gate(self, repo_id: str, token: str) -> None:
+        """Serve a repo only to requests that send ``Authorization: Bearer <token>``, as a gated Hub repo."""
+        with self._lock:
+            self._gate_tokens[repo_id] = token
+
+    def _gate_response(self, repo_id: str, authorization: str | None) -> _Response | None:
+        """Return the Hub's 401 for a gated repo requested without its token, else None."""
+        with self._lock:
+            token = self._gate_tokens.get(repo_id)
+        if token is None or authorization == f"Bearer {token}":
+            return None
+        message = f"Access to model {repo_id} is restricted. You must have access to it and be authenticated."
+        return _error_response(401, message, "GatedRepo")
 
     def commit_sha(self, repo_id: str, revision: str) -> str:
         """Return the commit sha that a branch name or commit sha resolves to.
@@ -547,7 +567,15 @@ class FakeHub:
 
     # Routes. Each returns the response to send; `_Handler` writes and records it.
 
-    def _route(self, role: str, method: str, target: str, range_header: str | None, body: bytes) -> _Response:
+    def _route(
+        self,
+        role: str,
+        method: str,
+        target: str,
+        range_header: str | None,
+        body: bytes,
+        authorization: str | None = None,
+    ) -> _Response:
         split = urlsplit(target)
         segments = split.path.split("/")[1:]
         query = parse_qs(split.query)
@@ -555,13 +583,17 @@ class FakeHub:
         if role == "cdn":
             return self._route_cdn(method, segments, query, range_header)
         if segments[:2] == ["api", "models"]:
-            return self._route_api(method, segments[2:], query, body)
+            api_segments = segments[2:]
+            repo_length = 1 if len(api_segments) == 1 or api_segments[1:2] and api_segments[1] in _API_SUBROUTES else 2
+            denied = self._gate_response("/".join(unquote(part) for part in api_segments[:repo_length]), authorization)
+            return denied or self._route_api(method, api_segments, query, body)
         for repo_length in (1, 2):
             if len(segments) > repo_length + 2 and segments[repo_length] == "resolve":
                 if method not in ("GET", "HEAD"):
                     return _method_not_allowed_response(method, ("GET", "HEAD"))
                 repo_id = "/".join(unquote(segment) for segment in segments[:repo_length])
-                return self._route_resolve(repo_id, segments[repo_length + 1 :], range_header)
+                denied = self._gate_response(repo_id, authorization)
+                return denied or self._route_resolve(repo_id, segments[repo_length + 1 :], range_header)
         return _error_response(404, f"no route for {split.path}")
 
     def _split_revision_locked(self, repo_id: str, segments: list[str]) -> tuple[str, list[str]]:
@@ -818,7 +850,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         request_body = self.rfile.read(length) if length > 0 else b""
         range_header = self.headers.get("Range")
 
-        response = hub._route(self.server.role, self.command, self.path, range_header, request_body)
+        response = hub._route(
+            self.server.role, self.command, self.path, range_header, request_body, self.headers.get("Authorization")
+        )
 
         body_size = len(response.body) if send_body else 0
         if self.command == "GET" and response.file_key is not None and response.status in (200, 206):
