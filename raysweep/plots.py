@@ -26,8 +26,9 @@ HISTOGRAM_FIGURE = "lid_histograms.png"
 
 DPI = 110
 HISTOGRAM_BINS = 60
-# The histogram's x axis ends above this quantile of the finite LIDs, so a few
-# extreme tokens do not squeeze the bulk into one bin; the rest are counted.
+# The histogram's x axis ends just above this quantile of the finite LIDs, so
+# that a few extreme tokens do not squeeze the bulk into one bin. The panel
+# states how many tokens lie beyond the axis.
 HISTOGRAM_QUANTILE = 0.999
 # The hidden size gets a line when it is within this factor of the axis end,
 # else an off-scale note (Pythia-12b's 5120 against LIDs near 100).
@@ -107,12 +108,14 @@ def size_figure(series: tuple[Series, ...] | list[Series]) -> Figure | None:
 def step_figure(series: tuple[Series, ...] | list[Series]) -> Figure | None:
     """Plot ID and redundancy against training step, one line per series that spans several steps.
 
+    Returns None when no such series has a finished, non-duplicate cell.
+
     The step axis is symmetric-log, linear below 1, so step 0 is visible.
     Duplicate revisions are crosses at their (copied) value, off the line.
     Missing, failed and not yet computed revisions are markers placed on the
     line where their step falls.
     """
-    sweeps = [item for item in series if item.is_sweep]
+    sweeps = [item for item in series if item.is_sweep and item.curve_rows]
     if not sweeps:
         return None
     colours = _colours(sweeps)
@@ -234,8 +237,8 @@ def _plot_histogram(axis, lids: TokenLids) -> None:
     hidden_on_scale = hidden_size is not None and hidden_size <= HIDDEN_SIZE_REACH * upper
     if hidden_on_scale:
         upper = max(upper, hidden_size * 1.05)
-    shown = finite[finite <= upper]
-    axis.hist(shown, bins=np.linspace(0.0, upper, HISTOGRAM_BINS + 1), color="tab:blue", alpha=0.8,
+    in_range = finite[finite <= upper]
+    axis.hist(in_range, bins=np.linspace(0.0, upper, HISTOGRAM_BINS + 1), color="tab:blue", alpha=0.8,
               gid=f"histogram:{name}")
 
     if id_mle is not None:
@@ -248,8 +251,8 @@ def _plot_histogram(axis, lids: TokenLids) -> None:
                   ha="right", fontsize="small", gid=f"hidden_size:{name}")
 
     notes = [f"{len(lids.lids)} tokens"]
-    if len(shown) < len(finite):
-        notes.append(f"{len(finite) - len(shown)} above {upper:.0f}")
+    if len(in_range) < len(finite):
+        notes.append(f"{len(finite) - len(in_range)} above {upper:.0f}")
     if len(finite) < len(lids.lids):
         notes.append(f"{len(lids.lids) - len(finite)} infinite")
     axis.text(0.98, 0.97, "\n".join(notes), transform=axis.transAxes, ha="right", va="top", fontsize="small")

@@ -7,7 +7,7 @@ or missing cells, and lists what it could not show.
 
 The cells are grouped into series: one source, matrix and estimator setting
 across its revisions. A series' "final" row is its finished, non-duplicate
-revision with the highest training step; the redundancy table, the size plot
+revision with the highest training step. The redundancy table, the size plot
 and the histograms use that row.
 
 Rendering lives in `raysweep.plots` (PNG figures) and `raysweep.pages`
@@ -20,7 +20,7 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +197,7 @@ class TokenExtremes:
 
 @dataclass(frozen=True)
 class Gaps:
-    """What a report could not show, and why.
+    """Cells and files that a report cannot show, grouped by reason.
 
     Attributes:
         failed, missing: rows with that status (missing: the revision or file
@@ -236,7 +236,8 @@ class Report:
     extremes: tuple[TokenExtremes, ...]
     gaps: Gaps
     job: str | None = None
-    figures: dict[str, bytes] = field(default_factory=dict)
+    # PNG bytes by file name once rendered; None before, {} when no figure has data.
+    figures: dict[str, bytes] | None = None
 
     @property
     def status_counts(self) -> Counter:
@@ -267,12 +268,11 @@ def load_results(path: Path) -> Results:
     skipped and listed.
 
     Raises:
-        ReportError: when the path does not exist or holds no results.
+        ReportError: when the path does not exist or contains no results.
     """
     path = Path(path)
     if path.is_file():
-        table = pq.read_table(path)
-        return _results(path.parent, [table], f"{path}", ())
+        return _results(path.parent, [_read_id_table(path)], str(path), ())
     if not path.is_dir():
         raise ReportError(f"results folder {path} does not exist; pass the --out folder of `raysweep submit`")
 
@@ -290,17 +290,21 @@ def load_results(path: Path) -> Results:
     read_from = f"{len(tables)} cell files in {path / 'cells'}"
 
     union = path / "id_table.parquet"
+    if union.exists() and not tables:
+        return _results(path, [_read_id_table(union)], str(union), tuple(unreadable))
     if union.exists():
-        table = pq.read_table(union)
-        known = {key for part in tables for key in part.column("cell_key").to_pylist()}
-        extra = [key not in known for key in table.column("cell_key").to_pylist()]
-        if any(extra):
-            tables.append(table.filter(pa.array(extra)))
-            read_from += f" and {sum(extra)} rows of {union} without a cell file"
-        elif not tables:
-            read_from = str(union)
+        outcome = _read_cell_file(union)
+        if isinstance(outcome, pa.Table):
+            known = {key for part in tables for key in part.column("cell_key").to_pylist()}
+            extra = [key not in known for key in outcome.column("cell_key").to_pylist()]
+            if any(extra):
+                tables.append(outcome.filter(pa.array(extra)))
+                read_from += f" and {sum(extra)} rows of {union} without a cell file"
+        else:
+            logger.warning("skipping unreadable ID table %s (%s)", union, outcome)
+            unreadable.append(f"{union}: {outcome}")
     if not tables:
-        raise ReportError(f"{path} holds no results: expected {path / 'cells'}/*.parquet or {union}")
+        raise ReportError(f"{path} contains no results: expected {path / 'cells'}/*.parquet or {union}")
     return _results(path, tables, read_from, tuple(unreadable))
 
 
@@ -506,8 +510,8 @@ def write_report(report: Report, dest: Path, formats: Iterable[str] = REPORT_FOR
 
     "png" writes one file per figure, "html" one self-contained page with the
     figures embedded, "md" a Markdown page that links the PNG files when they
-    are written too. Figures that have no data (no training sweep, no
-    per-token file) are left out, and the pages say so.
+    are written too. Figures without data (no training sweep, no per-token
+    file) are left out, and the pages name each one left out and why.
 
     Raises:
         ReportError: for an unknown format.
@@ -517,15 +521,15 @@ def write_report(report: Report, dest: Path, formats: Iterable[str] = REPORT_FOR
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    figures = plots.render_figures(report) if {"png", "html"} & set(formats) else {}
+    figures = plots.render_figures(report) if {"png", "html"} & set(formats) else None
     report = replace(report, figures=figures)
 
     written = []
-    if "png" in formats:
+    if figures is not None and "png" in formats:
         for name, image in figures.items():
             written.append(_write_bytes(dest / name, image))
     if "md" in formats:
-        linked = list(figures) if "png" in formats else []
+        linked = list(figures) if figures is not None and "png" in formats else []
         written.append(_write_bytes(dest / MARKDOWN_NAME, pages.markdown(report, linked).encode()))
     if "html" in formats:
         written.append(_write_bytes(dest / HTML_NAME, pages.html(report).encode()))
@@ -545,6 +549,13 @@ def validate_formats(formats: Iterable[str]) -> list[str]:
     if not requested:
         raise ReportError(f"no report format given; use one or more of {', '.join(REPORT_FORMATS)}")
     return [name for name in REPORT_FORMATS if name in requested]
+
+
+def _read_id_table(path: Path) -> pa.Table:
+    outcome = _read_cell_file(path)
+    if isinstance(outcome, Exception):
+        raise ReportError(f"ID table {path} is not a readable Parquet file ({outcome})")
+    return outcome
 
 
 def _read_cell_file(path: Path) -> pa.Table | Exception:

@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 # exceptions inside a cell are recorded in its row instead.
 TASK_MAX_RETRIES = 3
 
+# Ray retries a task killed by its memory monitor without limit by default
+# (the task_oom_retries setting, -1). A local instance started here bounds
+# it; a cluster takes RAY_task_oom_retries from its own start commands.
+TASK_OOM_RETRIES = 2
+
 # Hub client settings passed from the driver to the tasks, so that workers
 # read from the same endpoint with the same token and offline mode. The cache
 # location is passed only to a Ray instance started here, whose workers share
@@ -67,6 +72,7 @@ def run_job(
     address: str | None = None,
     device: str = "auto",
     cpus_per_task: float | None = None,
+    local: bool = False,
     on_start: Callable[[int, TaskResources], None] | None = None,
     on_result: Callable[[dict], None] | None = None,
 ) -> RunSummary:
@@ -80,6 +86,7 @@ def run_job(
             "cpu", or "cuda" (fails fast when the cluster has no GPU).
         cpus_per_task: CPUs per CPU task; defaults to the CPUs of the largest
             node, so that one cell uses a whole machine's cores.
+        local: start a Ray instance on this machine even when RAY_ADDRESS is set.
         on_start: called with the number of pending cells and the resources.
         on_result: called with each cell's row as it is stored.
     """
@@ -91,7 +98,10 @@ def run_job(
         logger.info("%d of %d cells are already finished in %s", summary.skipped, len(job.cells), out)
 
     if pending:
-        summary.rows.extend(_run_on_ray(pending, out, address, device, cpus_per_task, on_start, on_result, summary))
+        if local and address is not None:
+            raise ValueError(f"--local starts Ray on this machine, so it cannot be combined with --address {address}")
+        target = LOCAL if local else address
+        summary.rows.extend(_run_on_ray(pending, out, target, device, cpus_per_task, on_start, on_result, summary))
     elif on_start is not None:
         on_start(0, TaskResources(0, 0, "none"))
 
@@ -189,15 +199,21 @@ def forwarded_environment(local: bool) -> dict[str, str]:
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
+# Address value that makes `_init_ray` start a local instance whatever RAY_ADDRESS says.
+LOCAL = "local"
+
+
 def _is_local(address: str | None) -> bool:
-    return address is None and not os.environ.get("RAY_ADDRESS")
+    return address == LOCAL or (address is None and not os.environ.get("RAY_ADDRESS"))
 
 
 def _init_ray(address: str | None) -> None:
     import ray
 
     if _is_local(address):
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        # address="local" makes ray.init start a new instance even with RAY_ADDRESS set.
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                 _system_config={"task_oom_retries": TASK_OOM_RETRIES})
     else:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
@@ -209,7 +225,10 @@ def _submit_cell(ray, cell: Cell, resources: TaskResources, task_options: dict):
     and no GPU, because Ray returns a task's CPUs, but not its GPUs, while it
     waits for the shard tasks it started.
     """
-    remote = ray.remote(_compute_remote)
+    # max_calls=0 lets a worker process run any number of cells, so torch and
+    # CUDA start once per worker. Ray's default for GPU tasks is a new
+    # process per task, which pays that start-up for every cell.
+    remote = ray.remote(max_calls=0)(_compute_remote)
     if cell.shards == 1:
         return remote.options(**task_options).remote(cell.to_dict(), resources.device, None)
     coordinator = {**task_options, "num_cpus": 1, "num_gpus": 0}
@@ -218,17 +237,40 @@ def _submit_cell(ray, cell: Cell, resources: TaskResources, task_options: dict):
 
 def _compute_remote(cell_data: dict, device: str, shard_options: dict | None):
     """Ray task body: compute one cell with the CPUs Ray assigned to it."""
+    import ray
+
     from raysweep.cell import compute_cell
 
     _use_assigned_cpus()
+    device = _usable_device(device)
     cell = Cell.from_dict(cell_data)
     if shard_options is None:
-        return compute_cell(cell, device)
+        result = compute_cell(cell, device)
+    else:
+        def estimate_sharded(matrix, settings, device):
+            return sharded_estimate(matrix, settings, device, cell.shards, shard_options)
 
-    def estimate_sharded(matrix, settings, device):
-        return sharded_estimate(matrix, settings, device, cell.shards, shard_options)
+        result = compute_cell(cell, device, estimate_fn=estimate_sharded)
 
-    return compute_cell(cell, device, estimate_fn=estimate_sharded)
+    context = ray.get_runtime_context()
+    result.row["ray_node_id"] = context.get_node_id()
+    result.row["gpu_ids"] = ",".join(str(gpu) for gpu in ray.get_gpu_ids()) or None
+    return result
+
+
+def _usable_device(device: str) -> str:
+    """Fall back to the CPU when Ray granted a GPU that torch cannot see.
+
+    That happens with a CPU-only torch build on a GPU node, or on a test
+    cluster whose nodes advertise GPU resources they do not have.
+    """
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        logger.warning("Ray assigned a GPU but torch %s sees no CUDA device; computing on the CPU",
+                       torch.__version__)
+        return "cpu"
+    return device
 
 
 def sharded_estimate(matrix, settings, device: str, shards: int, shard_options: dict):
@@ -245,7 +287,7 @@ def sharded_estimate(matrix, settings, device: str, shards: int, shard_options: 
     prepared = estimator.prepare(matrix, settings)
     rows_ref = ray.put(prepared.rows)
     bounds = shard_bounds(prepared.rows.shape[0], shards)
-    shard = ray.remote(_shard_remote).options(**shard_options)
+    shard = ray.remote(max_calls=0)(_shard_remote).options(**shard_options)
     references = [shard.remote(rows_ref, settings, first, last, device) for first, last in bounds]
     logger.info("split %d rows over %d shard tasks", prepared.rows.shape[0], len(references))
     return estimator.reduce(prepared, settings, ray.get(references))
@@ -271,7 +313,7 @@ def _shard_remote(rows, settings, first: int, last: int, device: str):
         # Arrays from the object store are read-only; the kernel never writes them.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         matrix = torch.from_numpy(rows)
-    centred = kernel.centre(matrix).to(kernel.resolve_device(device))
+    centred = kernel.centre(matrix).to(kernel.resolve_device(_usable_device(device)))
     return estimator.partial_statistics(centred, settings, first, last)
 
 

@@ -61,6 +61,8 @@ ID_TABLE_SCHEMA = pa.schema(
         ("dtype", pa.string()),
         ("resolved_revision", pa.string()),
         ("device", pa.string()),
+        ("ray_node_id", pa.string()),
+        ("gpu_ids", pa.string()),
         ("fetched_bytes", pa.int64()),
         ("seconds", pa.float64()),
         ("status", pa.string()),
