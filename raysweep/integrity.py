@@ -7,9 +7,11 @@ Training changes the embedding at every step, so two revisions of one model
 with the same `tensor_sha256` point at such a defect.
 
 Within each source, matrix and tensor key, the revisions of equal sha256 form
-a group. The earliest revision of the group (lowest step, then non-step names
-such as `main` in name order) is its reference, and every other revision gets
-`duplicate_of` = the reference and a logged warning. Not flagged: `main` when
+a group. The latest training step of the group is its reference, because the
+known defect is an early branch serving later weights (pythia-12b step50000
+serving the final model), and weights cannot come from a later step than the
+one they were saved at. A group without step revisions takes the first name.
+Every other revision gets `duplicate_of` = the reference and a logged warning. Not flagged: `main` when
 it equals the source's last step, which is where `main` points, and two
 revisions that resolved to the same commit.
 """
@@ -45,7 +47,8 @@ def duplicate_flags(rows: list[dict]) -> dict[str, str | None]:
             revisions = sorted({row["revision"] or "" for row in equal}, key=_revision_order(equal))
             if len(revisions) < 2:
                 continue
-            reference = revisions[0]
+            steps = {row["revision"] or "": row["step"] for row in equal if row["step"] is not None}
+            reference = max(steps, key=steps.get) if steps else revisions[0]
             reference_commits = {row["resolved_revision"] for row in equal if (row["revision"] or "") == reference}
             for row in equal:
                 revision = row["revision"] or ""

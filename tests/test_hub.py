@@ -205,7 +205,8 @@ def test_scaled_all_pythia_sweep(local_ray, fake_hub, scaled_pythia, tmp_path):
     assert missing == [("fixture-org/pythia-b", "step1000")]
     assert "step1000" in rows[missing[0]]["error"]
     flagged = {key: row["duplicate_of"] for key, row in rows.items() if row["duplicate_of"] is not None}
-    assert flagged == {("fixture-org/pythia-c", "step2000"): "step1000"}
+    # step1000 serves step2000's bytes: the earlier branch is the defective one.
+    assert flagged == {("fixture-org/pythia-c", "step1000"): "step2000"}
 
     for key, row in rows.items():
         if key in missing:
@@ -225,4 +226,4 @@ def test_scaled_all_pythia_sweep(local_ray, fake_hub, scaled_pythia, tmp_path):
     assert again.exit_code == 3, again.output
     assert fake_hub.bytes_served == 0
     rerun = {(row["source"], row["revision"]): row for row in pq.read_table(out / "id_table.parquet").to_pylist()}
-    assert rerun[("fixture-org/pythia-c", "step2000")]["duplicate_of"] == "step1000"
+    assert rerun[("fixture-org/pythia-c", "step1000")]["duplicate_of"] == "step2000"

@@ -35,11 +35,11 @@ def flags_by_revision(rows: list[dict]) -> dict[str, str | None]:
     return {row["revision"]: flags.get(row["cell_key"]) for row in rows}
 
 
-def test_later_equal_revision_flagged_and_main_expected():
+def test_earlier_equal_revision_flagged_and_main_expected():
     rows = [make_row("step0", "a"), make_row("step1000", "b"), make_row("step2000", "b"),
             make_row("step3000", "c"), make_row("main", "c")]
     assert flags_by_revision(rows) == {
-        "step0": None, "step1000": None, "step2000": "step1000", "step3000": None, "main": None,
+        "step0": None, "step1000": "step2000", "step2000": None, "step3000": None, "main": None,
     }
 
 
@@ -48,7 +48,7 @@ def test_branch_serving_final_weights():
     rows = [make_row("step49000", "x"), make_row("step50000", "final"), make_row("step143000", "final"),
             make_row("main", "final")]
     assert flags_by_revision(rows) == {
-        "step49000": None, "step50000": None, "step143000": "step50000", "main": None,
+        "step49000": None, "step50000": "step143000", "step143000": None, "main": None,
     }
 
 
@@ -81,8 +81,9 @@ def test_flags_written_and_cleared(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="raysweep.integrity"):
         changed = flag_duplicate_revisions(tmp_path)
 
-    assert set(changed) == {rows[1]["cell_key"], rows[2]["cell_key"]}
-    assert store.read_cell(tmp_path, rows[1]["cell_key"])["duplicate_of"] == "step1000"
+    assert set(changed) == {rows[0]["cell_key"], rows[2]["cell_key"]}
+    assert store.read_cell(tmp_path, rows[0]["cell_key"])["duplicate_of"] == "step2000"
+    assert store.read_cell(tmp_path, rows[1]["cell_key"])["duplicate_of"] is None
     assert store.read_cell(tmp_path, rows[2]["cell_key"])["duplicate_of"] is None
-    assert "org/model @ step2000: the input embedding equals that of step1000" in caplog.text
+    assert "org/model @ step1000: the input embedding equals that of step2000" in caplog.text
     assert flag_duplicate_revisions(tmp_path) == {}

@@ -33,12 +33,12 @@ FAILED = {
     ("EleutherAI/pythia-410m", "step64"),
     ("EleutherAI/pythia-2.8b", "step98000"),
 }
-# Flagged revision -> the earlier revision whose embedding it repeats, as
-# raysweep.integrity sets `duplicate_of`.
+# Flagged revision -> the later revision whose embedding it repeats, as
+# raysweep.integrity sets `duplicate_of`: branches that serve the final model.
 DUPLICATES = {
-    ("EleutherAI/pythia-2.8b", "step40000"): "step30000",
-    ("EleutherAI/pythia-2.8b", "step41000"): "step30000",
-    ("EleutherAI/pythia-12b", "step58000"): "step50000",
+    ("EleutherAI/pythia-2.8b", "step40000"): "step143000",
+    ("EleutherAI/pythia-2.8b", "step41000"): "step143000",
+    ("EleutherAI/pythia-12b", "step58000"): "step143000",
 }
 
 
