@@ -33,6 +33,8 @@ Examples:
   raysweep estimate EleutherAI/pythia-70m --revision step1000
   raysweep jobs
   raysweep report results/quickstart          # tables, plots and report.html in results/quickstart/report
+  raysweep submit lora-pythia-160m            # LoRA rank sweep on Pythia-160m's input embedding
+  raysweep report results/lora-pythia-160m --id-table results/all-pythia/id_table.parquet
 """
 
 # Exit statuses of `submit` and `estimate`.
@@ -108,10 +110,21 @@ def submit(
     """Run every unfinished cell of a job on Ray and write the ID table as Parquet.
 
     Cells already finished in the results folder are skipped, so running the
-    same command again resumes a sweep. Exit status: 0 when every cell is ok,
-    1 when a cell failed, 3 when cells are missing (revision or file not found).
+    same command again resumes a sweep. A lora-rank job trains one LoRA rank
+    per task and writes OUT/lora_table.parquet. Exit status: 0 when every
+    cell is ok, 1 when a cell failed, 3 when cells are missing (revision or
+    file not found).
     """
-    from raysweep import runner
+    from raysweep import jobs, runner
+
+    try:
+        kind = jobs.job_kind(job)
+    except jobs.JobError as error:
+        _fail(str(error))
+    if kind == jobs.LORA_KIND:
+        id_options = {"--k": k, "--k-min": k_min, "--shards": shards, "--row-policy": row_policy,
+                      "--models": models, "--steps": steps}
+        _submit_lora(job, out, address, device, cpus_per_task, local, dry_run, limit, id_options)
 
     spec = _selected_job(job, models, steps, limit, shards=shards, row_policy=row_policy, k=k, k_min=k_min)
     out = out or Path("results") / spec.name
@@ -157,6 +170,75 @@ def submit(
                                                f"{summary.skipped} already finished"))
     console.print(f"ID table: {out / 'id_table.parquet'}  per-token LIDs: {out / 'tokens'}")
     raise typer.Exit(_exit_status(summary.rows))
+
+
+LORA_SUMMARY_COLUMNS = ("mode", "rank", "steps", "baseline_perplexity", "start_perplexity", "perplexity",
+                        "train_loss", "seconds", "status")
+
+
+def _submit_lora(job: str, out: Path | None, address: str | None, device: str, cpus_per_task: float | None,
+                 local: bool, dry_run: bool, limit: int | None, id_options: dict) -> None:
+    """Run a lora-rank job (see raysweep.lora) and exit with `submit`'s exit status."""
+    from raysweep import lora, lora_runner
+
+    given = [name for name, value in id_options.items() if value is not None]
+    if given:
+        _fail(f"{', '.join(given)} apply only to ID sweeps, and {job} is a lora-rank job")
+    try:
+        spec = lora.limit_cells(lora.load_lora_job(job), limit)
+    except ValueError as error:
+        _fail(str(error))
+    out = out or Path("results") / spec.name
+    if dry_run:
+        console.print(_lora_plan_table(spec))
+        raise typer.Exit(EXIT_OK)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=errors)
+    state = {}
+
+    def on_start(pending: int, resources) -> None:
+        if pending:
+            errors.print(f"{spec.name}: {pending} ranks to train, {len(spec.cells) - pending} already finished; "
+                         f"each task uses {resources.num_cpus:g} CPU, {resources.num_gpus:g} GPU")
+        state["task"] = progress.add_task(spec.name, total=pending)
+
+    def on_result(row: dict) -> None:
+        progress.update(state["task"], advance=1)
+        if row["status"] != "ok":
+            progress.console.print(f"[{row['status']}] {row['mode']} rank {row['rank']}: {row['error']}")
+
+    try:
+        with progress:
+            summary = lora_runner.run_lora_job(spec, out, address=address, device=device,
+                                               cpus_per_task=cpus_per_task, local=local,
+                                               on_start=on_start, on_result=on_result)
+    except ValueError as error:
+        _fail(str(error))
+
+    title = f"{spec.name}: {summary.computed} ranks trained, {summary.skipped} already finished"
+    table = Table(title=title)
+    for column in LORA_SUMMARY_COLUMNS:
+        table.add_column(column, justify="left" if column in ("mode", "status") else "right")
+    for row in summary.rows:
+        table.add_row(*(_format(row.get(column)) for column in LORA_SUMMARY_COLUMNS))
+    console.print(table)
+    console.print(f"LoRA table: {out / 'lora_table.parquet'}")
+    raise typer.Exit(_exit_status(summary.rows))
+
+
+def _lora_plan_table(spec) -> Table:
+    table = Table(title=f"{spec.name}: {len(spec.cells)} LoRA ranks")
+    for column in ("model", "revision", "mode", "rank", "initial weights", "steps", "tokens per step", "key"):
+        table.add_column(column, justify="right" if column in ("rank", "steps", "tokens per step") else "left")
+    for cell in spec.cells:
+        initial = "-" if cell.initial_model is None else f"{cell.initial_model}@{cell.initial_revision or '-'}"
+        tokens = cell.training.batch_size * cell.training.sequence_length
+        table.add_row(cell.model, cell.revision or "-", cell.mode, str(cell.rank), initial,
+                      str(cell.training.steps), str(tokens), cell.cell_key)
+    return table
 
 
 @app.command(epilog=EXAMPLES)
@@ -317,11 +399,16 @@ def list_jobs() -> None:
     table = Table(title="bundled jobs")
     for column in ("name", "cells", "description", "file"):
         table.add_column(column)
+    from raysweep import lora
+
     for name, path in sorted(jobs.bundled_jobs().items()):
         try:
-            spec = jobs.load_job(str(path))
+            if jobs.job_kind(str(path)) == jobs.LORA_KIND:
+                spec = lora.load_lora_job(str(path))
+            else:
+                spec = jobs.load_job(str(path))
             table.add_row(name, str(len(spec.cells)), " ".join(spec.description.split()), str(path))
-        except jobs.JobError as error:
+        except (jobs.JobError, lora.LoraJobError) as error:
             table.add_row(name, "-", f"invalid: {error}", str(path))
     console.print(table)
 
@@ -339,8 +426,14 @@ def report(
              "cells without a result. Default: infer them from the revisions the other sources have.")] = None,
     tokens: Annotated[int, typer.Option(
         help="Tokens listed per source with the highest and with the lowest local ID.")] = 10,
+    id_table: Annotated[Optional[Path], typer.Option(
+        help="ID table (id_table.parquet or a results folder) whose IDs are marked on the LoRA "
+             "perplexity-against-rank plot. Default: the ID table in OUT.")] = None,
 ) -> None:
     """Write the redundancy table, plots and token lists of a results folder, and print the table.
+
+    A folder with LoRA rank sweeps also gets perplexity against rank, with the
+    model's measured ID marked where an ID table has it.
 
     Works on partial results (a running sweep, failed or missing cells) and
     lists what it cannot show. Exit status: 0 when the report was written,
@@ -351,12 +444,17 @@ def report(
 
     try:
         requested = reports.validate_formats(formats or reports.REPORT_FORMATS)
-        built = reports.build_report(out, job=job, token_count=tokens)
+        built = reports.build_report(out, job=job, token_count=tokens, id_table=id_table)
         written = reports.write_report(built, dest or _report_folder(out), requested)
     except reports.ReportError as error:
         _fail(str(error))
 
-    console.print(pages.rich_table(built))
+    if built.series or not built.lora:
+        console.print(pages.rich_table(built))
+    if built.lora:
+        console.print(pages.lora_rich_table(built))
+        for sentence in pages.lora_id_lines(built):
+            console.print(f"- {sentence}", highlight=False)
     for sentence in pages.gap_lines(built):
         console.print(f"- {sentence}", highlight=False)
     console.print("written: " + "  ".join(str(path) for path in written), highlight=False)

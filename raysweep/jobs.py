@@ -41,7 +41,13 @@ from raysweep.keys import MATRICES
 from raysweep.schedules import FAMILIES, SCHEDULES, step_of
 from raysweep.sources import ROW_POLICIES
 
-JOB_KEYS = {"name", "description", "k", "k_min", "duplicates", "row_policy", "shards", "sources"}
+JOB_KEYS = {"kind", "name", "description", "k", "k_min", "duplicates", "row_policy", "shards", "sources"}
+
+# Values of a job file's top-level `kind`. A file without `kind` is an ID job;
+# "lora-rank" files are parsed by raysweep.lora.load_lora_job.
+ID_KIND = "intrinsic-dimension"
+LORA_KIND = "lora-rank"
+JOB_KINDS = (ID_KIND, LORA_KIND)
 SOURCE_KEYS = {
     "label", "source", "sources", "family", "revision", "revisions", "schedule",
     "matrix", "key", "k", "k_min", "duplicates", "row_policy", "shards",
@@ -138,18 +144,32 @@ def resolve_job(name_or_path: str) -> Path:
     )
 
 
-def load_job(name_or_path: str) -> Job:
-    """Parse a job file and expand it into cells.
+def job_kind(name_or_path: str) -> str:
+    """Return the kind of a job file: "intrinsic-dimension" (no `kind` key) or "lora-rank".
 
     Raises:
-        JobError: the file is missing, is not valid TOML, or has unknown or
-            inconsistent keys; the message names the key and the table.
+        JobError: the file is missing, is not valid TOML, or names an unknown kind.
     """
     path = resolve_job(name_or_path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise JobError(f"{path} is not valid TOML: {error}") from error
+    return _kind_of(_read_toml(path), path)
+
+
+def load_job(name_or_path: str) -> Job:
+    """Parse an ID job file and expand it into cells.
+
+    Raises:
+        JobError: the file is missing, is not valid TOML, is a lora-rank job,
+            or has unknown or inconsistent keys; the message names the key and
+            the table.
+    """
+    path = resolve_job(name_or_path)
+    data = _read_toml(path)
+    kind = _kind_of(data, path)
+    if kind != ID_KIND:
+        raise JobError(
+            f"{path} is a {kind} job, not an ID sweep; `raysweep submit` runs it, and "
+            "raysweep.lora.load_lora_job parses it"
+        )
 
     unknown = set(data) - JOB_KEYS
     if unknown:
@@ -172,6 +192,20 @@ def load_job(name_or_path: str) -> Job:
             )
         seen[cell.cell_key] = cell
     return Job(name, data.get("description", ""), path, tuple(cells))
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise JobError(f"{path} is not valid TOML: {error}") from error
+
+
+def _kind_of(data: dict, path: Path) -> str:
+    kind = data.get("kind", ID_KIND)
+    if kind not in JOB_KINDS:
+        raise JobError(f"{path}: kind = {kind!r} is unknown; use one of {list(JOB_KINDS)} or leave it out")
+    return kind
 
 
 def _expand_table(job: str, defaults: dict, table: dict, where: str) -> list[Cell]:

@@ -16,7 +16,7 @@ import re
 from rich.table import Table
 
 from raysweep import __version__
-from raysweep.plots import HISTOGRAM_FIGURE, SIZE_FIGURE, STEP_FIGURE
+from raysweep.plots import HISTOGRAM_FIGURE, LORA_FIGURE, SIZE_FIGURE, STEP_FIGURE
 from raysweep.report import Report, Series, TokenExtremes, format_k
 
 SUMMARY_HEADERS = ("source", "matrix", "revision", "hidden size", "parameters", "rows used", "k", "ID (MLE)",
@@ -24,6 +24,15 @@ SUMMARY_HEADERS = ("source", "matrix", "revision", "hidden size", "parameters", 
 CELL_HEADERS = ("source", "revision", "step", "status", "ID (MLE)", "redundancy", "rows used", "hidden size",
                 "duplicate of", "error")
 TOKEN_HEADERS = ("rank", "highest LID", "token", "row", "lowest LID", "token", "row")
+LORA_HEADERS = ("sweep", "LoRA rank", "status", "perplexity", "unmodified", "before training", "train loss",
+                "steps", "seconds", "error")
+LORA_TITLE = "Perplexity against LoRA rank"
+LORA_EXPLANATION = (
+    "Each row is one LoRA rank trained on the input embedding, with every other weight frozen. "
+    "\"unmodified\" is the checkpoint's own perplexity. \"before training\" is the perplexity of the model "
+    "that the LoRA delta starts from, which is the checkpoint itself in adapt mode and the checkpoint with "
+    "its initial input embedding in reconstruct mode."
+)
 ERROR_WIDTH = 160
 
 FIGURES = (
@@ -48,7 +57,8 @@ figure img { max-width: 100%; height: auto; }
 .gaps li { margin: 0.2rem 0; }
 """
 NUMERIC_HEADERS = {"hidden size", "parameters", "rows used", "k", "ID (MLE)", "mean LID", "median LID",
-                   "redundancy", "cells ok", "step", "rank", "highest LID", "lowest LID", "row"}
+                   "redundancy", "cells ok", "step", "rank", "highest LID", "lowest LID", "row", "LoRA rank",
+                   "perplexity", "unmodified", "before training", "train loss", "steps", "seconds"}
 
 
 def summary_rows(report: Report) -> list[tuple[str, ...]]:
@@ -130,7 +140,84 @@ def gap_lines(report: Report) -> list[str]:
         lines.append(f"No per-token file, so no histogram or token list, for: {', '.join(gaps.without_tokens)}.")
     if gaps.unreadable:
         lines.append(f"{len(gaps.unreadable)} unreadable cell files skipped.")
+    for status in ("failed", "missing"):
+        count = sum(curve.count(status) for curve in report.lora)
+        if count:
+            lines.append(f"{count} LoRA {'rank' if count == 1 else 'ranks'} {status}. The LoRA table lists "
+                         "their errors.")
     return lines
+
+
+def lora_rows(report: Report) -> list[tuple[str, ...]]:
+    """Return one formatted row per LoRA rank, curve by curve in rank order."""
+    rows = []
+    for curve in report.lora:
+        for row in curve.rows:
+            rows.append((
+                curve.name,
+                str(row["rank"]),
+                row["status"],
+                _number(row["perplexity"], 3),
+                _number(row["baseline_perplexity"], 3),
+                _number(row["start_perplexity"], 3),
+                _number(row["train_loss"], 4),
+                _integer(row["steps"]),
+                _number(row["seconds"], 1),
+                _first_line(row["error"]),
+            ))
+    return rows
+
+
+def lora_id_lines(report: Report) -> list[str]:
+    """Return one sentence per LoRA curve: the ID marked for its model, or why none is."""
+    source = f"the ID table {report.id_table}" if report.id_table else "the ID table of this folder"
+    lines = []
+    for curve in report.lora:
+        row = curve.id_row
+        if row is None or row.get("id_mle") is None:
+            lines.append(f"{curve.name}: {source} has no finished input-embedding row for {curve.model}, "
+                         "so no ID is marked.")
+            continue
+        k = format_k(row.get("k"), row.get("k_min"))
+        revision = f" at revision {row['revision']}" if row.get("revision") else ""
+        lines.append(f"{curve.name}: measured ID (MLE) {row['id_mle']:.2f} with k={k}{revision}, "
+                     f"hidden size {_integer(row.get('hidden_size'))}.")
+    return lines
+
+
+def lora_rich_table(report: Report) -> Table:
+    """Return the LoRA ranks for the terminal."""
+    table = Table(title=LORA_TITLE)
+    for header in LORA_HEADERS:
+        numeric = header in NUMERIC_HEADERS
+        table.add_column(header, justify="right" if numeric else "left", no_wrap=numeric, overflow="fold")
+    for row in lora_rows(report):
+        table.add_row(*row)
+    return table
+
+
+def _markdown_lora(report: Report, linked_figures: list[str]) -> list[str]:
+    lines = [f"## {LORA_TITLE}", "", LORA_EXPLANATION, ""]
+    lines += [f"- {_markdown_escape(sentence)}" for sentence in lora_id_lines(report)]
+    lines.append("")
+    if LORA_FIGURE in linked_figures:
+        lines += [f"![{LORA_TITLE}]({LORA_FIGURE})", ""]
+    lines += _markdown_table(LORA_HEADERS, lora_rows(report))
+    return lines
+
+
+def _html_lora(report: Report) -> list[str]:
+    parts = [f'<section id="lora"><h2>{_escape(LORA_TITLE)}</h2>', f"<p>{_escape(LORA_EXPLANATION)}</p>"]
+    parts.append('<ul class="gaps">' + "".join(f"<li>{_escape(line)}</li>" for line in lora_id_lines(report))
+                 + "</ul>")
+    image = (report.figures or {}).get(LORA_FIGURE)
+    if image is not None:
+        data = base64.b64encode(image).decode("ascii")
+        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{_escape(LORA_TITLE)}">'
+                     f"<figcaption>{_escape(LORA_TITLE)} ({_escape(LORA_FIGURE)})</figcaption></figure>")
+    parts.append(_html_table(LORA_HEADERS, lora_rows(report)))
+    parts.append("</section>")
+    return parts
 
 
 def _cells(count: int) -> str:
@@ -203,6 +290,8 @@ def markdown(report: Report, linked_figures: list[str]) -> str:
 
     lines += ["## All cells", ""]
     lines += _markdown_table(CELL_HEADERS, cell_rows(report))
+    if report.lora:
+        lines += _markdown_lora(report, linked_figures)
     return "\n".join(lines)
 
 
@@ -237,6 +326,7 @@ def html(report: Report) -> str:
         f'<section id="cells"><details><summary>All cells ({len(report.results.rows)})</summary>',
         _html_table(CELL_HEADERS, cell_rows(report)),
         "</details></section>",
+        *(_html_lora(report) if report.lora else []),
         "</body>",
         "</html>",
     ]

@@ -1,4 +1,4 @@
-"""PNG figures of a report: ID against model size, ID against training step, LID histograms.
+"""PNG figures of a report: ID against model size, ID against training step, LID histograms, LoRA ranks.
 
 The figures are built on `matplotlib.figure.Figure` without pyplot, so they
 render through the Agg backend with no display and no global figure registry.
@@ -15,14 +15,16 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
+from raysweep.lora_report import LoraCurve
 from raysweep.report import Report, Series, TokenLids, format_k
 from raysweep.schedules import step_of
 
 SIZE_FIGURE = "id_vs_size.png"
 STEP_FIGURE = "id_vs_step.png"
 HISTOGRAM_FIGURE = "lid_histograms.png"
+LORA_FIGURE = "lora_perplexity_vs_rank.png"
 
 DPI = 110
 HISTOGRAM_BINS = 60
@@ -52,6 +54,7 @@ def render_figures(report: Report) -> dict[str, bytes]:
         (SIZE_FIGURE, lambda: size_figure(report.series)),
         (STEP_FIGURE, lambda: step_figure(report.series)),
         (HISTOGRAM_FIGURE, lambda: histogram_figure(report.token_lids)),
+        (LORA_FIGURE, lambda: lora_figure(report.lora)),
     )
     figures = {}
     for name, build in builders:
@@ -322,3 +325,95 @@ def _short_names(series: list[Series]) -> dict[str, str]:
     if len(set(short.values())) < len(short):
         return {item.name: item.name for item in series}
     return short
+
+
+def lora_figure(curves: tuple[LoraCurve, ...] | list[LoraCurve]) -> Figure | None:
+    """Plot perplexity against LoRA rank, one panel per model and revision; None without a finished rank.
+
+    Both axes are logarithmic. Each mode and setting is one line (reconstruct
+    solid, adapt dashed). Dotted horizontal lines mark the unmodified model's
+    perplexity and, for reconstruct, the perplexity with the initial embedding
+    before training. A vertical line marks the model's measured ID (MLE) when
+    the ID table has it. Failed and missing ranks are red crosses on the line.
+    """
+    drawn = [curve for curve in curves if curve.ok_rows]
+    if not drawn:
+        return None
+    panels: dict[tuple, list[LoraCurve]] = {}
+    for curve in drawn:
+        panels.setdefault((curve.model, curve.revision), []).append(curve)
+
+    columns = min(2, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(6.4 * columns, 4.6 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis, members in zip(axes, panels.values()):
+        _plot_lora_panel(axis, members)
+    for axis in axes[len(panels):]:
+        axis.set_visible(False)
+    figure.suptitle("Perplexity against LoRA rank on the input embedding")
+    return figure
+
+
+def _plot_lora_panel(axis, curves: list[LoraCurve]) -> None:
+    from matplotlib import colormaps
+
+    cycle = colormaps["tab10"]
+    ranks = sorted({row["rank"] for curve in curves for row in curve.rows})
+    for index, curve in enumerate(curves):
+        colour = cycle(index % 10)
+        finished = curve.ok_rows
+        x = np.array([row["rank"] for row in finished], dtype=float)
+        y = np.array([row["perplexity"] for row in finished], dtype=float)
+        style = "-" if curve.mode == "reconstruct" else "--"
+        axis.plot(x, y, style, marker="o", markersize=4, color=colour, gid=f"lora:{curve.name}",
+                  label=curve.name)
+        if curve.mode == "reconstruct" and curve.start_perplexity is not None:
+            axis.axhline(curve.start_perplexity, color=colour, linestyle=":", linewidth=1.0,
+                         gid=f"lora-start:{curve.name}", label="initial embedding, before training")
+        failed = [row["rank"] for row in curve.rows if row["status"] != "ok"]
+        if failed and len(x):
+            values = np.exp(np.interp(np.log(failed), np.log(x), np.log(y)))
+            axis.plot(failed, values, linestyle="none", gid=f"lora-failed:{curve.name}", zorder=3,
+                      **{key: value for key, value in GAP_STYLES["failed"].items() if key != "label"},
+                      label="failed or missing rank")
+
+    baselines = sorted({round(curve.baseline_perplexity, 6) for curve in curves
+                        if curve.baseline_perplexity is not None})
+    for value in baselines:
+        axis.axhline(value, color="black", linestyle=":", linewidth=1.2, gid="lora-baseline",
+                     label=f"unmodified model {value:.4g}")
+    _mark_lora_id(axis, curves[0], ranks)
+
+    label = curves[0].rows[0]["label"] or curves[0].model
+    revision = curves[0].revision
+    axis.set_title(label if revision is None else f"{label} @ {revision}", fontsize="medium")
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _position=None: f"{value:g}"))
+    axis.yaxis.set_minor_formatter(NullFormatter())
+    axis.xaxis.set_major_locator(FixedLocator(ranks))
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _position=None: f"{value:g}"))
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.set_xlabel("LoRA rank (log scale)")
+    axis.set_ylabel("perplexity (log scale)")
+    axis.grid(True, which="both", alpha=0.3)
+    handles, labels = axis.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axis.legend(unique.values(), unique.keys(), fontsize="x-small")
+
+
+def _mark_lora_id(axis, curve: LoraCurve, ranks: list[int]) -> None:
+    """Draw the measured ID as a vertical line, or note it beside the axis when it lies far outside the ranks."""
+    row = curve.id_row
+    if row is None or row.get("id_mle") is None:
+        return
+    value = float(row["id_mle"])
+    where = "" if row.get("revision") in (None, curve.revision) else f" at {row['revision']}"
+    label = f"measured ID (MLE) {value:.1f}{where}, k={format_k(row.get('k'), row.get('k_min'))}"
+    if min(ranks) / 4 <= value <= max(ranks) * 4:
+        axis.axvline(value, color="tab:red", linewidth=1.5, gid=f"lora-id:{curve.model}", label=label)
+    else:
+        axis.text(0.98, 0.02, label + " (off scale)", transform=axis.transAxes, ha="right", va="bottom",
+                  fontsize="small", color="tab:red", gid=f"lora-id:{curve.model}")

@@ -10,6 +10,10 @@ across its revisions. A series' "final" row is its finished, non-duplicate
 revision with the highest training step. The redundancy table, the size plot
 and the histograms use that row.
 
+A folder with LoRA rank sweeps (OUT/lora/, see `raysweep.lora_report`) also
+gets perplexity against rank, with the ID measured for the same model marked
+when the ID table of the folder, or the one passed as `id_table`, has it.
+
 Rendering lives in `raysweep.plots` (PNG figures) and `raysweep.pages`
 (Markdown, HTML, terminal table). This module loads the data and writes files.
 """
@@ -28,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysweep import integrity, store
+from raysweep.lora_report import LoraCurve, group_curves, load_lora_rows
 from raysweep.schedules import FAMILIES, ModelInfo, step_of
 
 logger = logging.getLogger(__name__)
@@ -238,6 +243,10 @@ class Report:
     job: str | None = None
     # PNG bytes by file name once rendered; None before, {} when no figure has data.
     figures: dict[str, bytes] | None = None
+    # LoRA rank sweeps in the folder, one curve per model, revision, mode and setting.
+    lora: tuple[LoraCurve, ...] = ()
+    # Where the IDs marked on the LoRA curves come from, when not from the folder itself.
+    id_table: str | None = None
 
     @property
     def status_counts(self) -> Counter:
@@ -458,7 +467,8 @@ def token_extremes(lids: TokenLids, count: int = DEFAULT_TOKEN_COUNT) -> TokenEx
     )
 
 
-def build_report(path: Path, job: str | None = None, token_count: int = DEFAULT_TOKEN_COUNT) -> Report:
+def build_report(path: Path, job: str | None = None, token_count: int = DEFAULT_TOKEN_COUNT,
+                 id_table: Path | None = None) -> Report:
     """Load a results folder and collect what its report shows.
 
     Args:
@@ -467,13 +477,29 @@ def build_report(path: Path, job: str | None = None, token_count: int = DEFAULT_
             without a result are listed as absent. Without it, absent
             revisions are inferred from the revisions the other series have.
         token_count: tokens listed per source with the highest and lowest LID.
+        id_table: ID table (file or results folder) whose rows are marked on
+            the LoRA curves, in addition to the folder's own ID rows.
 
     Raises:
         ReportError: for a path without results, an invalid job or count.
     """
     if token_count < 0:
         raise ReportError(f"token count {token_count} is invalid; use 0 or more")
-    results = load_results(path)
+    lora_rows, lora_unreadable = load_lora_rows(path) if Path(path).is_dir() else ([], [])
+    try:
+        results = load_results(path)
+    except ReportError:
+        if not lora_rows:
+            raise
+        # A folder with only LoRA rank sweeps: report those without ID series.
+        results = Results(Path(path), (), "no ID cells", ())
+    if lora_unreadable:
+        results = replace(results, unreadable=results.unreadable + tuple(lora_unreadable))
+
+    id_rows = list(results.rows)
+    if id_table is not None:
+        id_rows += list(load_results(id_table).rows)
+    lora = group_curves(lora_rows, id_rows)
 
     job_name, expected = (None, [])
     if job is not None:
@@ -502,7 +528,8 @@ def build_report(path: Path, job: str | None = None, token_count: int = DEFAULT_
         unreadable=results.unreadable,
     )
     extremes = tuple(token_extremes(lids, token_count) for lids in token_lids)
-    return Report(results, tuple(series), tuple(token_lids), extremes, gaps, job=job_name)
+    return Report(results, tuple(series), tuple(token_lids), extremes, gaps, job=job_name, lora=lora,
+                  id_table=None if id_table is None else str(id_table))
 
 
 def write_report(report: Report, dest: Path, formats: Iterable[str] = REPORT_FORMATS) -> list[Path]:

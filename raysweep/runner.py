@@ -199,7 +199,7 @@ def forwarded_environment(local: bool) -> dict[str, str]:
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
-# Address value that makes `_init_ray` start a local instance whatever RAY_ADDRESS says.
+# Address value that makes `_init_ray` start a local instance even when RAY_ADDRESS is set.
 LOCAL = "local"
 
 
@@ -221,7 +221,7 @@ def _init_ray(address: str | None) -> None:
 def _submit_cell(ray, cell: Cell, resources: TaskResources, task_options: dict):
     """Start the task of one cell and return its object reference.
 
-    A sharded cell's task only loads, validates and reduces: it holds one CPU
+    A sharded cell's task only loads, validates and reduces: it requests one CPU
     and no GPU, because Ray returns a task's CPUs, but not its GPUs, while it
     waits for the shard tasks it started.
     """

@@ -5,10 +5,13 @@ Layout of a results folder:
     OUT/cells/<cell_key>.parquet    one row of the ID table per cell
     OUT/tokens/<cell_key>.parquet   per-token LIDs of that cell
     OUT/id_table.parquet            union of the cell rows, rewritten after a run
+    OUT/lora/<cell_key>.parquet     one row per rank of a LoRA rank sweep
+    OUT/lora_table.parquet          union of the LoRA rows, rewritten after a run
 
 A cell counts as finished when its cell file has a valid Parquet footer and
 status "ok", and its tokens file is readable too. The tokens file is written
 first, so a cell file never points at per-token data that is not there.
+A LoRA rank counts as finished when its file has a valid footer and status "ok".
 """
 
 from __future__ import annotations
@@ -188,3 +191,123 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+# One row per rank of a LoRA rank sweep (raysweep.lora_train). Perplexities
+# are exp of the mean next-token loss over the evaluation blocks.
+LORA_SCHEMA = pa.schema(
+    [
+        ("job", pa.string()),
+        ("cell_key", pa.string()),
+        ("label", pa.string()),
+        ("model", pa.string()),
+        ("revision", pa.string()),
+        ("resolved_revision", pa.string()),
+        ("mode", pa.string()),
+        ("rank", pa.int64()),
+        ("lora_alpha", pa.float64()),
+        ("rslora", pa.bool_()),
+        ("target_module", pa.string()),
+        ("initial_model", pa.string()),
+        ("initial_revision", pa.string()),
+        ("initial_sha256", pa.string()),
+        ("embedding_rows", pa.int64()),
+        ("hidden_size", pa.int64()),
+        ("tied_embeddings", pa.bool_()),
+        ("trainable_parameters", pa.int64()),
+        ("steps", pa.int64()),
+        ("learning_rate", pa.float64()),
+        ("warmup_steps", pa.int64()),
+        ("batch_size", pa.int64()),
+        ("sequence_length", pa.int64()),
+        ("seed", pa.int64()),
+        ("data", pa.string()),
+        ("train_tokens", pa.int64()),
+        ("eval_tokens", pa.int64()),
+        ("data_sha256", pa.string()),
+        ("baseline_perplexity", pa.float64()),
+        ("start_perplexity", pa.float64()),
+        ("perplexity", pa.float64()),
+        ("eval_loss", pa.float64()),
+        ("train_loss_first", pa.float64()),
+        ("train_loss", pa.float64()),
+        ("device", pa.string()),
+        ("ray_node_id", pa.string()),
+        ("gpu_ids", pa.string()),
+        ("train_seconds", pa.float64()),
+        ("seconds", pa.float64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("raysweep_version", pa.string()),
+        ("lora_version", pa.string()),
+        ("torch_version", pa.string()),
+        ("transformers_version", pa.string()),
+        ("peft_version", pa.string()),
+        ("ray_version", pa.string()),
+        ("python_version", pa.string()),
+        ("hostname", pa.string()),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+LORA_COLUMNS = tuple(LORA_SCHEMA.names)
+LORA_TABLE_NAME = "lora_table.parquet"
+
+
+def lora_path(out: Path, cell_key: str) -> Path:
+    return Path(out) / "lora" / f"{cell_key}.parquet"
+
+
+def write_lora_result(out: Path, row: dict) -> None:
+    """Write one LoRA rank's row atomically to OUT/lora/KEY.parquet.
+
+    Raises:
+        ValueError: if the row misses a column, has an unknown one, has an
+            unknown status, or a value does not fit the schema.
+    """
+    missing = set(LORA_COLUMNS) - set(row)
+    extra = set(row) - set(LORA_COLUMNS)
+    if missing or extra:
+        raise ValueError(f"LoRA row does not match the schema: missing {sorted(missing)}, unknown {sorted(extra)}")
+    if row["status"] not in STATUSES:
+        raise ValueError(f"status {row['status']!r} is not one of {STATUSES}")
+    _write_atomic(pa.Table.from_pylist([row], schema=LORA_SCHEMA), lora_path(out, row["cell_key"]))
+
+
+def read_lora_result(out: Path, cell_key: str) -> dict | None:
+    """Return a LoRA rank's row, or None when its file is absent or unreadable."""
+    path = lora_path(out, cell_key)
+    if not path.exists():
+        return None
+    try:
+        table = pq.read_table(path, schema=LORA_SCHEMA)
+    except (pa.ArrowInvalid, OSError) as error:
+        logger.warning("ignoring unreadable result %s (%s); the rank will be trained again", path, error)
+        return None
+    if table.num_rows != 1:
+        logger.warning("ignoring %s: %d rows instead of 1; the rank will be trained again", path, table.num_rows)
+        return None
+    return table.to_pylist()[0]
+
+
+def is_lora_finished(out: Path, cell_key: str) -> bool:
+    """Return True when a LoRA rank has a readable row with status "ok"."""
+    row = read_lora_result(out, cell_key)
+    return row is not None and row["status"] == "ok"
+
+
+def read_lora_table(out: Path) -> pa.Table:
+    """Return the union of all readable LoRA rows under a results folder."""
+    rows = []
+    for path in sorted((Path(out) / "lora").glob("*.parquet")):
+        row = read_lora_result(out, path.stem)
+        if row is not None:
+            rows.append(row)
+    return pa.Table.from_pylist(rows, schema=LORA_SCHEMA)
+
+
+def write_lora_union(out: Path) -> Path:
+    """Rewrite OUT/lora_table.parquet from the LoRA rank files; return its path."""
+    path = Path(out) / LORA_TABLE_NAME
+    _write_atomic(read_lora_table(out), path)
+    return path

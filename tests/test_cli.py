@@ -130,4 +130,4 @@ def test_submit_reports_failed_cells(local_ray, tmp_path):
 def test_submit_unknown_job():
     result = runner.invoke(app, ["submit", "no-such-job"])
     assert result.exit_code == 2
-    assert "raysweep jobs" in result.output
+    assert "raysweep jobs" in " ".join(result.output.split())
