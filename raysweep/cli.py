@@ -157,7 +157,8 @@ def submit(
         state["fetched"] += row.get("fetched_bytes") or 0
         progress.update(state["task"], advance=1, counts=counts())
         if row["status"] != "ok":
-            progress.console.print(f"[{row['status']}] {row['label']} @ {row['revision']}: {row['error']}")
+            progress.console.print(f"[{row['status']}] {row['label']} @ {row['revision']}: {row['error']}",
+                                   markup=False)
 
     try:
         with progress:
@@ -387,7 +388,7 @@ def estimate(
     elif row["status"] == "ok":
         console.print(_row_table(row))
     else:
-        errors.print(f"[{row['status']}] {row['error']}")
+        errors.print(f"[{row['status']}] {row['error']}", markup=False, soft_wrap=True)
     raise typer.Exit(_exit_status([row]))
 
 
@@ -514,7 +515,8 @@ def _json_default(value):
 
 
 def _fail(message: str) -> None:
-    errors.print(f"error: {message}")
+    # markup=False: messages contain brackets such as [[sources]] that rich would eat.
+    errors.print(f"error: {message}", markup=False, soft_wrap=True)
     raise typer.Exit(EXIT_USAGE)
 
 

@@ -228,6 +228,8 @@ def _expand_table(job: str, defaults: dict, table: dict, where: str) -> list[Cel
         raise JobError(f"{where}: row_policy = {row_policy!r} is invalid; use one of {list(ROW_POLICIES)}")
 
     label = table.get("label")
+    if label is not None and not isinstance(label, str):
+        raise JobError(f"{where}: label = {label!r} must be a string")
     if label is not None and len(sources) > 1:
         raise JobError(f"{where}: label applies to a single source, but the table names {len(sources)}")
     return [
@@ -278,6 +280,13 @@ def _settings_of(defaults: dict, table: dict, where: str) -> EstimatorSettings:
             values[name] = table[name]
         elif name in defaults:
             values[name] = defaults[name]
+    for name in ("k", "k_min"):
+        value = values.get(name)
+        # bool is a subclass of int, so `k = true` must be caught explicitly.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise JobError(f"{where}: {name} = {value!r} must be an integer, e.g. {name} = 20")
+    if "duplicates" in values and not isinstance(values["duplicates"], str):
+        raise JobError(f"{where}: duplicates = {values['duplicates']!r} must be \"drop\" or \"error\"")
     try:
         return EstimatorSettings(**values)
     except (TypeError, ValueError) as error:

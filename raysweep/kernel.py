@@ -73,7 +73,12 @@ def resolve_device(device: str) -> torch.device:
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is invalid; use auto, cpu, cuda or cuda:N") from error
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device {device!r} was requested but torch reports no CUDA device; "
@@ -178,11 +183,9 @@ def nearest_neighbours(
                 rows = torch.nonzero(uncertain).flatten()
                 rescanned += int(rows.numel())
                 rescan_ids = query_ids[rows]
-                # The same scan in float64, whose rounding is 2^29 times
-                # smaller, then the same exact recomputation.
-                _, rescan_candidates = _candidate_scan(
-                    centred, norms_sq64, rescan_ids, candidates, block_columns
-                )
+                # Direct |x - y| in float64 over every row: no expansion, so
+                # no cancellation when a cluster sits far from the mean.
+                rescan_candidates = _direct_scan(centred, rescan_ids, candidates)
                 chunk_sq[rows], chunk_ids[rows] = _exact_top_k(
                     centred, rescan_ids, rescan_candidates, k
                 )
@@ -340,6 +343,34 @@ def _candidate_scan(
         best_ids = torch.gather(merged_ids, 1, keep)
 
     return best_scores, best_ids
+
+
+def _direct_scan(centred: torch.Tensor, query_ids: torch.Tensor, candidates: int) -> torch.Tensor:
+    """Return the `candidates` nearest other rows of each query row by direct float64 distances.
+
+    Slow (no matrix products), so only used for the few rows that the
+    float32 pass cannot certify.
+    """
+    n = centred.shape[0]
+    step, block = 256, 8192
+    found = []
+    for first in range(0, query_ids.numel(), step):
+        ids = query_ids[first : first + step]
+        queries = centred[ids]
+        best = torch.full((ids.numel(), candidates), math.inf, dtype=torch.float64, device=centred.device)
+        best_ids = torch.full((ids.numel(), candidates), -1, dtype=torch.int64, device=centred.device)
+        for column in range(0, n, block):
+            last = min(column + block, n)
+            distances = torch.cdist(queries, centred[column:last], compute_mode="donot_use_mm_for_euclid_dist")
+            _exclude_self(distances, ids, column, last)
+            merged = torch.cat([best, distances], dim=1)
+            merged_ids = torch.cat(
+                [best_ids, torch.arange(column, last, device=centred.device).expand(ids.numel(), -1)], dim=1
+            )
+            best, keep = torch.topk(merged, candidates, dim=1, largest=False)
+            best_ids = torch.gather(merged_ids, 1, keep)
+        found.append(best_ids)
+    return torch.cat(found)
 
 
 def _exclude_self(scores: torch.Tensor, query_ids: torch.Tensor, first: int, last: int) -> None:

@@ -28,6 +28,8 @@ def folder_status(out: Path, job: Job | None = None) -> FolderStatus:
         FileNotFoundError: `out` is not a results folder.
     """
     out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"results folder {out} does not exist; pass the --out folder of a submit")
     if not (out / "cells").is_dir() and job is None:
         raise FileNotFoundError(f"{out} has no cells/ folder; is it a raysweep results folder?")
 

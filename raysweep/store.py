@@ -187,6 +187,11 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
             pq.write_table(table, stream)
             stream.flush()
             os.fsync(stream.fileno())
+        # mkstemp creates the file readable by its owner only; give it the
+        # mode a plain open() would, so results on a shared disk are readable.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

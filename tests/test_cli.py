@@ -131,3 +131,24 @@ def test_submit_unknown_job():
     result = runner.invoke(app, ["submit", "no-such-job"])
     assert result.exit_code == 2
     assert "raysweep jobs" in " ".join(result.output.split())
+
+
+def test_error_keeps_bracketed_text(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('name = "x"\n')
+    result = runner.invoke(app, ["submit", str(job)])
+    assert result.exit_code == 2
+    assert "[[sources]]" in result.output
+
+
+def test_estimate_unknown_device_is_clear(plane_file):
+    path, _ = plane_file
+    result = runner.invoke(app, ["estimate", str(path), "--device", "tpu", "--json"])
+    assert result.exit_code == 1
+    assert "device 'tpu' is" in json.loads(result.stdout)["error"]
+
+
+def test_status_of_missing_folder(tmp_path):
+    result = runner.invoke(app, ["status", str(tmp_path / "nowhere"), "--job", "quickstart"])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output

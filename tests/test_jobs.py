@@ -92,6 +92,10 @@ def test_cli_overrides_settings(tmp_path):
         ('[[sources]]\nsources = ["a", "b"]\nlabel = "x"\n', "label applies to a single source"),
         ('[[sources]]\nsource = "a"\n[[sources]]\nsource = "a"\n', "appears twice"),
         ("[[sources]\n", "not valid TOML"),
+        ('k = 20.5\n[[sources]]\nsource = "a"\n', "k = 20.5 must be an integer"),
+        ('k = "20"\n[[sources]]\nsource = "a"\n', "k = '20' must be an integer"),
+        ('k = true\n[[sources]]\nsource = "a"\n', "k = True must be an integer"),
+        ('[[sources]]\nsource = "a"\nlabel = 7\n', "label = 7 must be a string"),
     ],
 )
 def test_invalid_jobs_rejected(tmp_path, text, message):

@@ -86,6 +86,22 @@ def test_uncertified_rows_are_rescanned_exactly():
     torch.testing.assert_close(table.distances, reference, rtol=1e-12, atol=0)
 
 
+def test_tight_cluster_far_from_mean_is_exact():
+    # A cluster of spread 1e-4 next to one at 1e5: after centring the small
+    # cluster sits 5e4 from the origin, so any |x|^2 + |y|^2 - 2 x.y form
+    # (float32 or float64) cancels away its neighbour gaps.
+    generator = torch.Generator().manual_seed(0)
+    small = torch.randn(300, 8, generator=generator, dtype=torch.float64) * 1e-4
+    large = torch.randn(300, 8, generator=generator, dtype=torch.float64) * 1e4 + 1e5
+    centred = kernel.centre(torch.cat([small, large]))
+    table = kernel.nearest_neighbours(centred, 20)
+    reference, _ = brute_force(centred, 20)
+    assert table.rescanned_rows > 0
+    torch.testing.assert_close(table.distances, reference, rtol=1e-9, atol=0)
+    sharded = kernel.nearest_neighbours(centred, 20, query_start=0, query_stop=200, budget_bytes=50_000)
+    torch.testing.assert_close(sharded.distances, table.distances[:200], rtol=0, atol=0)
+
+
 def test_float32_near_ties_resolved_in_float64():
     # Rows 1e-9 apart in a space translated far from the origin: float32
     # cannot order them, the float64 recomputation must.

@@ -89,3 +89,15 @@ def test_no_temporary_files_left(tmp_path):
     store.write_union(tmp_path)
     leftovers = [path.name for path in tmp_path.rglob("*.tmp")]
     assert leftovers == []
+
+
+def test_result_files_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    store.write_cell(tmp_path, make_row("mode"), make_tokens("mode"))
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE(store.cell_path(tmp_path, "mode").stat().st_mode) == expected
+    assert stat.S_IMODE(store.tokens_path(tmp_path, "mode").stat().st_mode) == expected
