@@ -166,10 +166,13 @@ def load_local(path: Path, matrix: str = "input", key: str | None = None) -> Loa
     if path.is_dir():
         return _load_directory(path, matrix, key)
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return _load_npy(path)
-    if is_word_vector_file(path):
-        return _load_word_vectors(path)
+    if suffix == ".npy" or is_word_vector_file(path):
+        if matrix != "input":
+            raise SourceError(
+                f"{path} contains a single matrix, so matrix = {matrix!r} does not apply; "
+                "use the input matrix (the default), or a checkpoint for the output matrix"
+            )
+        return _load_npy(path) if suffix == ".npy" else _load_word_vectors(path)
     if suffix == ".safetensors":
         tensor_key, tensor = _read_safetensors(path, matrix, key)
         return LoadedMatrix(tensor, tensor_key, str(path), "safetensors")

