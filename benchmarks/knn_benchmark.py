@@ -30,7 +30,7 @@ import numpy as np
 K = 20
 
 # Input name -> (description, loader spec). Loader specs are resolved in the
-# subprocess, so the parent never holds the matrices.
+# subprocess, so the parent process never loads the matrices.
 INPUTS = {
     "minilm": "all-MiniLM-L6-v2 token embeddings (30522 x 384)",
     "glove": "GloVe 6B 50-d (400000 x 50)",

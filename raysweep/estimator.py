@@ -97,7 +97,7 @@ class PreparedMatrix:
 
 @dataclass(frozen=True)
 class PartialStatistics:
-    """What one range of query rows contributes to the global estimate.
+    """Contribution of one range of query rows to the global estimate.
 
     Attributes:
         start, stop: the query rows of the prepared matrix.

@@ -7,10 +7,9 @@ Training changes the embedding at every step, so two revisions of one model
 with the same `tensor_sha256` point at such a defect.
 
 Within each source, matrix and tensor key, the revisions of equal sha256 form
-a group. The latest training step of the group is its reference, because the
-known defect is an early branch serving later weights (pythia-12b step50000
-serving the final model), and weights cannot come from a later step than the
-one they were saved at. A group without step revisions takes the first name.
+a group. The latest training step of the group is its reference. The known defect is
+an early branch serving later weights (pythia-12b step50000 serves the final
+model), and saved weights cannot come from a step later than their own. A group without step revisions takes the first name.
 Every other revision gets `duplicate_of` = the reference and a logged warning. Not flagged: `main` when
 it equals the source's last step, which is where `main` points, and two
 revisions that resolved to the same commit.

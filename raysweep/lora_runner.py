@@ -15,8 +15,8 @@ from pathlib import Path
 
 from raysweep import store
 from raysweep.lora import LoraCell, LoraJob
-from raysweep.runner import (LOCAL, TASK_MAX_RETRIES, RunSummary, TaskResources, _init_ray, _is_local,
-                             _usable_device, _use_assigned_cpus, forwarded_environment, task_resources)
+from raysweep.runner import (RunSummary, TaskResources, _usable_device, _use_assigned_cpus, lost_task_errors,
+                             ray_address, run_tasks)
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,14 @@ def run_lora_job(
         logger.info("%d of %d ranks are already finished in %s", summary.skipped, len(job.cells), out)
 
     if pending:
-        if local and address is not None:
-            raise ValueError(f"--local starts Ray on this machine, so it cannot be combined with --address {address}")
-        target = LOCAL if local else address
-        summary.rows.extend(_run_on_ray(pending, out, target, device, cpus_per_task, on_start, on_result, summary))
+
+        def store_result(ray, reference, cell: LoraCell) -> dict:
+            row = _collect(ray, reference, cell)
+            store.write_lora_result(out, row)
+            return row
+
+        summary.rows.extend(run_tasks(pending, ray_address(address, local), device, cpus_per_task, summary,
+                                      _submit_rank, store_result, on_start, on_result, noun="LoRA ranks"))
     elif on_start is not None:
         on_start(0, TaskResources(0, 0, "none"))
 
@@ -72,42 +76,12 @@ def run_lora_job(
     return summary
 
 
-def _run_on_ray(pending, out, address, device, cpus_per_task, on_start, on_result, summary) -> list[dict]:
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        _init_ray(address)
-    try:
-        resources = task_resources(ray.cluster_resources(), ray.nodes(), device, cpus_per_task)
-        summary.resources = resources.__dict__
-        if on_start is not None:
-            on_start(len(pending), resources)
-        logger.info("training %d LoRA ranks, each with %s", len(pending), resources)
-
-        # max_calls=0 lets one worker process train several ranks, so torch,
-        # transformers and peft are imported once per worker.
-        remote = ray.remote(max_calls=0)(_train_remote).options(
-            num_cpus=resources.num_cpus,
-            num_gpus=resources.num_gpus,
-            max_retries=TASK_MAX_RETRIES,
-            runtime_env={"env_vars": forwarded_environment(local=_is_local(address))},
-        )
-        waiting = {remote.remote(cell.to_dict(), resources.device): cell for cell in pending}
-        rows = []
-        while waiting:
-            done, _ = ray.wait(list(waiting), num_returns=1)
-            cell = waiting.pop(done[0])
-            row = _collect(ray, done[0], cell)
-            store.write_lora_result(out, row)
-            summary.computed += 1
-            rows.append(row)
-            if on_result is not None:
-                on_result(row)
-        return rows
-    finally:
-        if started_here:
-            ray.shutdown()
+def _submit_rank(ray, cell: LoraCell, resources: TaskResources, task_options: dict):
+    """Start the task of one rank and return its object reference."""
+    # max_calls=0 lets one worker process train several ranks, so torch,
+    # transformers and peft are imported once per worker.
+    remote = ray.remote(max_calls=0)(_train_remote).options(**task_options)
+    return remote.remote(cell.to_dict(), resources.device)
 
 
 def _collect(ray, reference, cell: LoraCell) -> dict:
@@ -116,8 +90,7 @@ def _collect(ray, reference, cell: LoraCell) -> dict:
 
     try:
         return ray.get(reference)
-    except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError,
-            ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError) as error:
+    except lost_task_errors(ray) as error:
         logger.error("LoRA %s rank %d (%s) was lost: %s", cell.mode, cell.rank, cell.cell_key, error)
         return finish_row(base_lora_row(cell), time.perf_counter(), "failed", error)
 

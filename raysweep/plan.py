@@ -29,7 +29,7 @@ SAFETENSORS_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 @dataclass(frozen=True)
 class CellPlan:
-    """What one cell will read and compute, as far as it is known in advance."""
+    """Bytes and work of one cell, as far as they are known before loading."""
 
     cell: Cell
     rows: int | None

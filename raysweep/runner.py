@@ -98,10 +98,14 @@ def run_job(
         logger.info("%d of %d cells are already finished in %s", summary.skipped, len(job.cells), out)
 
     if pending:
-        if local and address is not None:
-            raise ValueError(f"--local starts Ray on this machine, so it cannot be combined with --address {address}")
-        target = LOCAL if local else address
-        summary.rows.extend(_run_on_ray(pending, out, target, device, cpus_per_task, on_start, on_result, summary))
+
+        def store_result(ray, reference, cell: Cell) -> dict:
+            row, tokens = _collect(ray, reference, cell)
+            store.write_cell(out, row, tokens)
+            return row
+
+        summary.rows.extend(run_tasks(pending, ray_address(address, local), device, cpus_per_task, summary,
+                                      _submit_cell, store_result, on_start, on_result, noun="cells"))
     elif on_start is not None:
         on_start(0, TaskResources(0, 0, "none"))
 
@@ -117,7 +121,27 @@ def run_job(
     return summary
 
 
-def _run_on_ray(pending, out, address, device, cpus_per_task, on_start, on_result, summary) -> list[dict]:
+def ray_address(address: str | None, local: bool) -> str | None:
+    """Return the address for `_init_ray`; `local` forces a new instance on this machine.
+
+    Raises:
+        ValueError: `local` together with an address.
+    """
+    if local and address is not None:
+        raise ValueError(f"--local starts Ray on this machine, so it cannot be combined with --address {address}")
+    return LOCAL if local else address
+
+
+def run_tasks(pending, address, device, cpus_per_task, summary, submit, store_result,
+              on_start=None, on_result=None, noun="cells") -> list[dict]:
+    """Run one Ray task per pending item and store each result as it arrives.
+
+    Starts Ray here unless it is already initialised (and then shuts it down
+    at the end), decides the resources per task, and calls
+    `submit(ray, item, resources, task_options)` for each item, which returns
+    an object reference, then `store_result(ray, reference, item)`, which
+    writes the item's files and returns its row, in order of completion.
+    """
     import ray
 
     started_here = not ray.is_initialized()
@@ -128,7 +152,7 @@ def _run_on_ray(pending, out, address, device, cpus_per_task, on_start, on_resul
         summary.resources = resources.__dict__
         if on_start is not None:
             on_start(len(pending), resources)
-        logger.info("running %d cells, each with %s", len(pending), resources)
+        logger.info("running %d %s, each with %s", len(pending), noun, resources)
 
         task_options = {
             "num_cpus": resources.num_cpus,
@@ -136,13 +160,12 @@ def _run_on_ray(pending, out, address, device, cpus_per_task, on_start, on_resul
             "max_retries": TASK_MAX_RETRIES,
             "runtime_env": {"env_vars": forwarded_environment(local=_is_local(address))},
         }
-        waiting = {_submit_cell(ray, cell, resources, task_options): cell for cell in pending}
+        waiting = {submit(ray, item, resources, task_options): item for item in pending}
         rows = []
         while waiting:
             done, _ = ray.wait(list(waiting), num_returns=1)
-            cell = waiting.pop(done[0])
-            row, tokens = _collect(ray, done[0], cell)
-            store.write_cell(out, row, tokens)
+            item = waiting.pop(done[0])
+            row = store_result(ray, done[0], item)
             summary.computed += 1
             rows.append(row)
             if on_result is not None:
@@ -153,6 +176,12 @@ def _run_on_ray(pending, out, address, device, cpus_per_task, on_start, on_resul
             ray.shutdown()
 
 
+def lost_task_errors(ray) -> tuple[type[BaseException], ...]:
+    """Return the Ray errors that mean a task is lost after its retries."""
+    return (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError,
+            ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError)
+
+
 def _collect(ray, reference, cell: Cell):
     """Return a task's row and tokens; a task lost after its retries becomes a failed row."""
     from raysweep.cell import CellResult, _finish, base_row
@@ -160,8 +189,7 @@ def _collect(ray, reference, cell: Cell):
     try:
         result: CellResult = ray.get(reference)
         return result.row, result.tokens
-    except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError,
-            ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError) as error:
+    except lost_task_errors(ray) as error:
         logger.error("cell %s (%s @ %s) was lost: %s", cell.cell_key, cell.source, cell.revision, error)
         return _finish(base_row(cell), time.perf_counter(), "failed", error).row, None
 

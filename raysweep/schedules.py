@@ -3,7 +3,7 @@
 Pythia (Biderman et al., 2023, "Pythia: A Suite for Analyzing Large Language
 Models Across Training and Scaling") publishes 154 checkpoints per model as
 Hub branches: step0, ten log-spaced steps 1, 2, 4, ..., 512, and every 1000
-steps from 1000 to 143000. The `main` branch holds the same weights as
+steps from 1000 to 143000. The `main` branch contains the same weights as
 step143000.
 """
 
